@@ -1,0 +1,128 @@
+"""Backbone building blocks and families, in registries.
+
+A block is an ``nn.Module`` built with keyword-only ``in_channels``, ``channels``, ``stride``
+and ``expand_ratio``; its ``out_channels(channels)`` class method gives its output width. A
+family names its allowed blocks and builds its stem.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .registry import Registry
+
+BLOCKS: Registry[type[nn.Module]] = Registry("block")
+FAMILIES: Registry["Family"] = Registry("family")
+
+
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout)]
+
+
+@BLOCKS.register("basic")
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs; 1x1 conv-BN shortcut when the shape changes."""
+
+    @staticmethod
+    def out_channels(channels: int) -> int:
+        return channels
+
+    def __init__(self, *, in_channels: int, channels: int, stride: int, expand_ratio: int = 1):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(in_channels, channels, 3, stride)
+        self.conv2, self.bn2 = conv_bn(channels, channels, 3)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+@BLOCKS.register("bottleneck")
+class Bottleneck(nn.Module):
+    """ResNet bottleneck: 1x1 reduce, 3x3 (strided), 1x1 expand to 4x ``channels``."""
+
+    expansion = 4
+
+    @staticmethod
+    def out_channels(channels: int) -> int:
+        return channels * Bottleneck.expansion
+
+    def __init__(self, *, in_channels: int, channels: int, stride: int, expand_ratio: int = 1):
+        super().__init__()
+        out = self.out_channels(channels)
+        self.conv1, self.bn1 = conv_bn(in_channels, channels, 1)
+        self.conv2, self.bn2 = conv_bn(channels, channels, 3, stride)
+        self.conv3, self.bn3 = conv_bn(channels, out, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+@BLOCKS.register("inverted_residual")
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand (ReLU6), 3x3 depthwise (ReLU6), 1x1 linear projection;
+    identity shortcut when stride is 1 and the width is unchanged."""
+
+    @staticmethod
+    def out_channels(channels: int) -> int:
+        return channels
+
+    def __init__(self, *, in_channels: int, channels: int, stride: int, expand_ratio: int = 6):
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers += [*conv_bn(in_channels, hidden, 1), nn.ReLU6(inplace=True)]
+        layers += [*conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(inplace=True)]
+        layers += conv_bn(hidden, channels, 1)
+        self.conv = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and in_channels == channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_residual else out
+
+
+@dataclass(frozen=True)
+class Family:
+    """A backbone family: its allowed blocks and its stem builder
+    ``stem(kind, in_channels, out_channels) -> nn.Module``."""
+
+    blocks: tuple[str, ...]
+    stem: Callable[[str, int, int], nn.Module]
+
+
+def _resnet_stem(kind: str, cin: int, cout: int) -> nn.Module:
+    if kind == "imagenet":
+        return nn.Sequential(*conv_bn(cin, cout, 7, 2), nn.ReLU(inplace=True),
+                             nn.MaxPool2d(3, 2, 1))
+    return nn.Sequential(*conv_bn(cin, cout, 3), nn.ReLU(inplace=True))
+
+
+def _mobilenet_stem(kind: str, cin: int, cout: int) -> nn.Module:
+    return nn.Sequential(*conv_bn(cin, cout, 3, 2 if kind == "imagenet" else 1),
+                         nn.ReLU6(inplace=True))
+
+
+FAMILIES.register("resnet")(Family(blocks=("basic", "bottleneck"), stem=_resnet_stem))
+FAMILIES.register("mobilenetv2")(Family(blocks=("inverted_residual",), stem=_mobilenet_stem))

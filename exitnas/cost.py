@@ -1,0 +1,170 @@
+"""Cost in MACs, counted by fvcore per segment and summed.
+
+What is counted (one input image of the space's size, eval mode):
+- fvcore's defaults: convolutions and linear layers (one fused multiply-add = 1 MAC),
+  BatchNorm (1 per input element in eval mode... as fvcore counts it), adaptive average
+  pooling (1 per input element);
+- added here, because fvcore leaves them uncounted: max pooling and adaptive max pooling
+  (1 per input element, the same rule fvcore uses for average pooling) and element-wise
+  add / sub / mul (1 per output element: residual adds, SDN's mixed pooling);
+- not counted: activations (ReLU, ReLU6), flatten, padding.
+
+Segments are counted separately (stem, each block at each position, each head at each
+position, the final head) and summed. Whole early-exit models are never traced at once:
+fvcore's tracer drops heads whose output only feeds control flow.
+
+C_k, the cost of leaving at exit k, is the backbone up to exit k plus every head evaluated on
+the way, including exit k's. A sample that exits nowhere pays the final exit's C. The plain
+backbone is every block at maximum depth plus the final head only.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
+
+import torch
+from torch import nn
+
+from .arch import Arch
+from .space import Space
+
+
+def _count_input(inputs, outputs) -> int:
+    return prod(inputs[0].type().sizes())
+
+
+def _count_output(inputs, outputs) -> int:
+    return prod(outputs[0].type().sizes())
+
+
+EXTRA_HANDLES = {
+    "aten::max_pool2d": _count_input,
+    "aten::adaptive_max_pool2d": _count_input,
+    "aten::add": _count_output,
+    "aten::add_": _count_output,
+    "aten::sub": _count_output,
+    "aten::rsub": _count_output,
+    "aten::mul": _count_output,
+    "aten::mul_": _count_output,
+}
+
+
+def count_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
+    """fvcore MACs of ``module`` on one zero input of ``shape`` (C, H, W), eval mode, with the
+    handlers above. Raises if fvcore meets an op it cannot count (other than activations)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+        was_training = module.training
+        module.eval()
+        try:
+            analysis = FlopCountAnalysis(module, torch.zeros(1, *shape))
+            analysis.set_op_handle(**EXTRA_HANDLES)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            total = int(analysis.total())
+            unknown = {k for k in analysis.unsupported_ops() if not _ignorable(k)}
+        finally:
+            module.train(was_training)
+    if unknown:
+        raise RuntimeError(f"fvcore cannot count ops {sorted(unknown)} in {type(module).__name__}")
+    return total
+
+
+def _ignorable(op: str) -> bool:
+    return any(w in op for w in ("relu", "hardtanh", "flatten", "clamp", "constant_pad", "view",
+                                 "reshape", "size", "detach"))
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Per-segment MACs of a space at one input size (batch 1)."""
+
+    stem: int
+    blocks: dict[tuple[int, int], int]           # (stage, block) -> MACs
+    heads: dict[tuple[int, int, str], int]       # (stage, block, head) -> MACs
+    final: int
+
+    def exit_costs(self, arch: Arch) -> list[int]:
+        """C_k for every exit of ``arch``, the final exit last."""
+        costs, head_total = [], 0
+        marks = {e.position: self.heads[(e.stage, e.block, e.head)] for e in arch.exits}
+        backbone = self.stem
+        for s, d in enumerate(arch.depths):
+            for b in range(d):
+                backbone += self.blocks[(s, b)]
+                if (s, b) in marks:
+                    head_total += marks[(s, b)]
+                    costs.append(backbone + head_total)
+        costs.append(backbone + head_total + self.final)
+        return costs
+
+    def path_cost(self, arch: Arch) -> int:
+        """Worst case: a sample that runs every exit (= C of the final exit)."""
+        return self.exit_costs(arch)[-1]
+
+    def backbone(self, depths: tuple[int, ...] | None = None) -> int:
+        """The plain backbone at ``depths`` (default: max): blocks + final head, no exits."""
+        depths = depths or tuple(1 + max(b for (s2, b) in self.blocks if s2 == s)
+                                 for s in sorted({s for s, _ in self.blocks}))
+        return self.stem + sum(self.blocks[(s, b)] for s, d in enumerate(depths)
+                               for b in range(d)) + self.final
+
+    def expected_cost(self, arch: Arch, exit_fractions) -> float:
+        """Σ_k fraction_k × C_k."""
+        return float(sum(f * c for f, c in zip(exit_fractions, self.exit_costs(arch))))
+
+    def to_json(self) -> dict:
+        return {"stem": self.stem, "final": self.final,
+                "blocks": [{"stage": s, "block": b, "macs": m} for (s, b), m in sorted(self.blocks.items())],
+                "heads": [{"stage": s, "block": b, "head": h, "macs": m}
+                          for (s, b, h), m in sorted(self.heads.items())]}
+
+
+def build_cost_table(net: nn.Module) -> CostTable:
+    """Count every segment of a :class:`~exitnas.supernet.Supernet` separately."""
+    space: Space = net.space
+    shape = (space.input.channels, space.input.size, space.input.size)
+    stem = count_macs(net.stem, shape)
+    with torch.no_grad():
+        was = net.training
+        net.eval()
+        x = net.stem(torch.zeros(1, *shape))
+        blocks, feat_shapes = {}, {}
+        for s, stage in enumerate(net.stages):
+            for b, block in enumerate(stage):
+                blocks[(s, b)] = count_macs(block, tuple(x.shape[1:]))
+                x = block(x)
+                feat_shapes[(s, b)] = tuple(x.shape[1:])
+        net.train(was)
+    heads = {}
+    for key, head in net.heads.items():
+        pos, name = key.split("=")
+        s, b = (int(v) for v in pos[1:].split("b"))
+        heads[(s, b, name)] = count_macs(head, feat_shapes[(s, b)])
+    final = count_macs(net.final, tuple(x.shape[1:]))
+    return CostTable(stem=stem, blocks=blocks, heads=heads, final=final)
+
+
+@lru_cache(maxsize=8)
+def cost_table(space: Space) -> CostTable:
+    """The cost table of ``space`` (weights do not change MACs, so a fresh supernet is used)."""
+    from .supernet import Supernet
+
+    return build_cost_table(Supernet(space))
+
+
+def model_segment_macs(model: nn.Module, shape: tuple[int, ...]) -> list[int]:
+    """Direct fvcore count of an extracted model, segment by segment: C_k per exit."""
+    costs, total, heads = [], 0, 0
+    x = torch.zeros(1, *shape)
+    model.eval()
+    with torch.no_grad():
+        for segment, head in zip(model.segments, model.heads):
+            total += count_macs(segment, tuple(x.shape[1:]))
+            x = segment(x)
+            heads += count_macs(head, tuple(x.shape[1:]))
+            costs.append(total + heads)
+    return costs

@@ -1,0 +1,279 @@
+"""Search spaces: a YAML file -> a frozen, validated :class:`Space`.
+
+A space names a backbone family and its stages (allowed depths per stage), the candidate exit
+positions, the allowed head designs, the exit policies and their threshold ranges, and the
+settings of the later pipeline steps (data, supernet training, search, retrain).
+
+    >>> space = load_space("search_spaces/resnet_cifar.yaml")
+    >>> space.positions()[:2]
+    [(0, 0), (0, 1)]
+
+A position ``(stage, block)`` means "after block ``block`` of stage ``stage``" (0-based).
+Every error names the file and the field path, e.g. ``stages[2].depths: 0 is not >= 1``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from . import blocks, heads, policy
+from ._config import field, from_dict, to_dict, with_overrides
+from .errors import ConfigError
+
+Position = tuple[int, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputConfig:
+    channels: int = field(3, ge=1, doc="image channels")
+    size: int = field(32, ge=4, doc="square input side in pixels; costs are counted at this size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    channels: int = field(ge=1, doc="block width (bottleneck: inner width; output is 4x)")
+    stride: int = field(1, choices=(1, 2), doc="stride of the stage's first block")
+    depths: tuple[int, ...] = field(nonempty=True, ge=1, doc="allowed numbers of blocks")
+    expand_ratio: int = field(6, ge=1, doc="inverted_residual expansion factor")
+
+    def __post_init__(self) -> None:
+        if list(self.depths) != sorted(set(self.depths)):
+            raise ConfigError(f"must be strictly increasing, got {list(self.depths)}", path="depths")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneConfig:
+    family: str = field(choices=blocks.FAMILIES, doc="resnet | mobilenetv2")
+    block: str = field(choices=blocks.BLOCKS, doc="basic | bottleneck | inverted_residual")
+    stem: Literal["cifar", "imagenet"] = field("cifar", doc="cifar: 3x3 s1; imagenet: 7x7 s2 + max-pool")
+    stem_channels: int = field(16, ge=1)
+    stages: tuple[StageConfig, ...] = field(nonempty=True)
+    final_head: str = field("linear", choices=heads.HEADS, doc="head of the final exit")
+    final_channels: int | None = field(None, ge=1, doc="1x1 conv width before the final head")
+
+    def __post_init__(self) -> None:
+        allowed = blocks.FAMILIES.get(self.family).blocks
+        if self.block not in allowed:
+            raise ConfigError(
+                f"block {self.block!r} does not belong to family {self.family!r} "
+                f"(allowed: {', '.join(allowed)})", path="block")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExitsConfig:
+    positions: str | tuple[tuple[int, int], ...] = field(
+        "all", doc="'all' or a list of [stage, block] pairs after which an exit may sit")
+    heads: tuple[str, ...] = field(("linear",), nonempty=True, choices=heads.HEADS)
+    max_exits: int = field(4, ge=1, doc="most early exits (the final exit not counted)")
+    min_exits: int = field(1, ge=0, doc="fewest early exits")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.positions, str) and self.positions != "all":
+            raise ConfigError(f"expected 'all' or a list of [stage, block], got {self.positions!r}",
+                              path="positions")
+        if self.min_exits > self.max_exits:
+            raise ConfigError(f"{self.min_exits} is more than max_exits {self.max_exits}",
+                              path="min_exits")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyConfig:
+    names: tuple[str, ...] = field(("max_softmax",), nonempty=True, choices=policy.POLICIES)
+    threshold_range: tuple[float, float] = field((0.5, 1.0), ge=0.0, le=1.0,
+                                                 doc="max_softmax thresholds")
+    entropy_range: tuple[float, float] = field((0.0, 1.5), ge=0.0, doc="entropy thresholds, nats")
+    patience_range: tuple[int, int] = field((1, 3), ge=1, doc="patience p (exits that agree)")
+
+    def __post_init__(self) -> None:
+        for name in ("threshold_range", "entropy_range", "patience_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ConfigError(f"low end {lo} is above high end {hi}", path=name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = field("digits")
+    root: str | None = field(None, doc="dataset folder (cifar*: torchvision root; imagefolder: "
+                                       "holds train/ and test/)")
+    download: bool = field(False, doc="let torchvision download CIFAR")
+    val_fraction: float = field(0.1, gt=0.0, lt=1.0, doc="held out of train, never augmented")
+    split_seed: int = field(0)
+    mean: tuple[float, ...] | None = field(None, doc="per-channel normalisation (dataset default)")
+    std: tuple[float, ...] | None = field(None, gt=0.0)
+    augment: bool = field(True, doc="random crop (pad size/8) + horizontal flip on train")
+    batch_size: int = field(128, ge=1)
+    eval_batch_size: int = field(512, ge=1)
+    num_workers: int = field(0, ge=0)
+    train_subset: int | None = field(None, ge=1, doc="use only this many train images")
+    test_subset: int | None = field(None, ge=1, doc="use only this many test images")
+    synthetic_size: int = field(512, ge=16, doc="images in the synthetic set")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    optimizer: Literal["sgd", "adamw"] = field("sgd")
+    lr: float = field(0.1, gt=0.0)
+    momentum: float = field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = field(True)
+    weight_decay: float = field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "constant"] = field("cosine")
+    warmup_epochs: int = field(0, ge=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SupernetConfig:
+    epochs: int = field(10, ge=1)
+    optim: OptimConfig = field(OptimConfig())
+    random_subnets: int = field(2, ge=0, doc="random sub-networks per step (sandwich rule)")
+    distill: bool = field(True, doc="in-place distillation from the largest net's final exit")
+    distill_temperature: float = field(1.0, gt=0.0)
+    bn_calib_batches: int = field(10, ge=1, doc="train batches to re-estimate BN statistics")
+    seed: int = field(0)
+    channels_last: bool = field(False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    trials: int = field(200, ge=1)
+    sampler: Literal["nsga2", "random"] = field("nsga2")
+    population_size: int = field(32, ge=2)
+    seed: int = field(0)
+    budget_fraction: float | None = field(1.0, gt=0.0, doc="expected-MACs budget / backbone MACs")
+    budget_macs: float | None = field(None, gt=0.0, doc="absolute budget (overrides fraction)")
+    max_path_fraction: float | None = field(None, gt=0.0, doc="worst-case path budget")
+    backend: Literal["optuna", "ray"] = field("optuna")
+    storage: str | None = field(None, doc="SQLAlchemy URL or journal path (default: run dir)")
+    workers: int = field(2, ge=1, doc="concurrent Ray trials")
+    retrain_top: int = field(3, ge=1, doc="front members retrained by `exitnas run`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrainConfig:
+    regime: Literal["joint", "disjoint", "mixed"] = field("mixed")
+    epochs: int = field(10, ge=1, doc="total, split across phases")
+    phase1_fraction: float = field(0.5, gt=0.0, lt=1.0, doc="share of epochs in phase 1")
+    loss: str = field("mean_ce", doc="exit-loss registry name")
+    loss_temperature: float = field(3.0, gt=0.0, doc="distillation temperature")
+    loss_weight: float = field(0.5, ge=0.0, le=1.0, doc="distillation weight")
+    optim: OptimConfig = field(OptimConfig())
+    init_from_supernet: bool = field(False)
+    seed: int = field(0)
+    channels_last: bool = field(False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Space:
+    name: str = field(doc="used in run directories and exports")
+    version: int = field(1, ge=1)
+    num_classes: int = field(ge=2)
+    input: InputConfig = field(InputConfig())
+    backbone: BackboneConfig
+    exits: ExitsConfig = field(ExitsConfig())
+    policy: PolicyConfig = field(PolicyConfig())
+    data: DataConfig = field(DataConfig())
+    supernet: SupernetConfig = field(SupernetConfig())
+    search: SearchConfig = field(SearchConfig())
+    retrain: RetrainConfig = field(RetrainConfig())
+
+    def __post_init__(self) -> None:
+        if isinstance(self.exits.positions, tuple):
+            stages = self.backbone.stages
+            for i, (s, b) in enumerate(self.exits.positions):
+                where = f"exits.positions[{i}]"
+                if not 0 <= s < len(stages):
+                    raise ConfigError(f"stage {s} does not exist ({len(stages)} stages)", path=where)
+                if not 0 <= b < max(stages[s].depths):
+                    raise ConfigError(f"block {b} is beyond stage {s}'s deepest "
+                                      f"{max(stages[s].depths)} blocks", path=where)
+            if len(set(self.exits.positions)) != len(self.exits.positions):
+                raise ConfigError("lists a position twice", path="exits.positions")
+        if not self.positions():
+            raise ConfigError("no candidate exit position fits before the final exit",
+                              path="exits.positions")
+
+    # ---- derived views -------------------------------------------------------------------
+    @property
+    def max_depths(self) -> tuple[int, ...]:
+        return tuple(max(s.depths) for s in self.backbone.stages)
+
+    @property
+    def min_depths(self) -> tuple[int, ...]:
+        return tuple(min(s.depths) for s in self.backbone.stages)
+
+    def depth_settings(self) -> list[tuple[int, ...]]:
+        """Every depth setting of the space (product over stages)."""
+        return list(itertools.product(*(s.depths for s in self.backbone.stages)))
+
+    def positions(self, depths: tuple[int, ...] | None = None) -> list[Position]:
+        """Candidate exit positions, in network order, active at ``depths`` (default: max).
+
+        A position is active when its block runs and it is not the final block (the final
+        exit sits there)."""
+        depths = self.max_depths if depths is None else tuple(depths)
+        last = len(depths) - 1
+        if self.exits.positions == "all":
+            cands = [(s, b) for s, d in enumerate(self.max_depths) for b in range(d)]
+        else:
+            cands = sorted(self.exits.positions)
+        return [(s, b) for s, b in cands if b < depths[s] and not (s == last and b >= depths[s] - 1)]
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def with_overrides(self, overrides: dict) -> "Space":
+        return with_overrides(self, overrides)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the parts that define the network (not data/training settings)."""
+        import hashlib
+        import json
+
+        core = {k: to_dict(getattr(self, k)) for k in ("num_classes", "input", "backbone", "exits")}
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_space(data: object, *, file: str | None = None) -> Space:
+    try:
+        return from_dict(Space, data)
+    except ConfigError as err:
+        raise ConfigError(err.detail, file=file, path=err.path) from None
+
+
+def load_space(path: str | Path, overrides: dict | None = None) -> Space:
+    """Read a search-space YAML file (``yaml.safe_load``) and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read file ({err.strerror})", file=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"YAML syntax error{where}: {problem}", file=str(path)) from None
+    if data is None:
+        raise ConfigError("file is empty", file=str(path))
+    space = parse_space(data, file=str(path))
+    if overrides:
+        try:
+            space = with_overrides(space, overrides)
+        except ConfigError as err:
+            raise ConfigError(err.detail, file="--set", path=err.path) from None
+    return space
+
+
+def dump_space(space: Space, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(space), sort_keys=False))
+
+
+__all__ = ["Space", "StageConfig", "BackboneConfig", "load_space", "parse_space", "dump_space",
+           "Position"]
