@@ -50,9 +50,10 @@ class Supernet(nn.Module):
                                 pre_channels=bb.final_channels)
 
     def candidate_exits(self, depths: Sequence[int]) -> list[Exit]:
-        """Every (position, head) pair active at ``depths``, in network order."""
-        return [Exit(s, b, h) for s, b in self.space.positions(tuple(depths))
-                for h in self.space.exits.heads]
+        """Every (position, head) pair active at ``depths``, sorted (network order, then head
+        name): the order ``forward_exits`` returns them in."""
+        return sorted(Exit(s, b, h) for s, b in self.space.positions(tuple(depths))
+                      for h in self.space.exits.heads)
 
     def forward_exits(self, x: torch.Tensor, depths: Sequence[int] | None = None,
                       exits: Sequence[Exit] | None = None) -> list[torch.Tensor]:
@@ -76,6 +77,47 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.forward_exits(x)
 
+    @torch.no_grad()
+    def recalibrate_bn(self, depths: Sequence[int], batches) -> None:
+        """Re-estimate BatchNorm statistics for ``depths`` (OFA): reset the running stats of
+        every BN layer, then average them (momentum None = cumulative) over ``batches`` of
+        (images, labels) in train mode with every candidate head active. Leaves eval mode."""
+        bns = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        self.train()
+        seen = 0
+        for x, _ in batches:
+            self.forward_exits(x, depths)
+            seen += 1
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        self.eval()
+        if seen == 0:
+            raise ValueError("recalibrate_bn got no batches")
+
+    def save(self, path) -> None:
+        """Weights as safetensors, tagged with the space's fingerprint."""
+        from .io import save_weights
+
+        save_weights(path, self.state_dict(), {"space": self.space.name,
+                                               "fingerprint": self.space.fingerprint})
+
+    def load(self, path) -> "Supernet":
+        """Load weights saved by :meth:`save`; refuses other spaces and non-safetensors."""
+        from .errors import CheckpointError
+        from .io import load_weights
+
+        state = load_weights(path)
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not fit space {self.space.name!r} "
+                                  f"({str(err).splitlines()[0]})") from None
+        return self
+
     def extract(self, arch: Arch) -> MultiExitModel:
         """A standalone model holding copies of only ``arch``'s blocks and heads."""
         arch.validate(self.space)
@@ -94,6 +136,18 @@ class Supernet(nn.Module):
         model = MultiExitModel(segments=segments, heads=heads, policy=arch.policy,
                                thresholds=arch.thresholds, exit_names=names)
         return model.train(self.training)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """Short sha256 of a module's state dict (names, shapes and bytes): keys caches to weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def build_model(space: Space, arch: Arch, *, seed: int | None = None) -> MultiExitModel:
