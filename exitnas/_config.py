@@ -105,10 +105,11 @@ def _check(meta: dict, value: Any, path: str) -> None:
             ):
                 if key in meta and not op(item, meta[key]):
                     raise ConfigError(f"{item!r} is not {word} {meta[key]!r}", path=where)
-        if "choices" in meta and isinstance(item, str) and item not in meta["choices"]:
+        if "choices" in meta and item not in meta["choices"]:
             choices = meta["choices"]
             known = choices.names() if hasattr(choices, "names") else sorted(choices)
-            raise ConfigError(f"unknown value {item!r} (known: {', '.join(known)})", path=where)
+            raise ConfigError(f"unknown value {item!r} (known: {', '.join(map(str, known))})",
+                              path=where)
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:

@@ -39,11 +39,10 @@ class Cost:
         space = load_space(args.file)
         table = cost_table(space)
         backbone = table.backbone()
-        arch = (Arch.parse(args.arch) if args.arch else
-                Arch(depths=space.max_depths, exits=(), policy=space.policy.names[0],
-                     thresholds=(10.0,) if space.policy.names[0] == "patience" else ()))
         if args.arch:
-            arch.validate(space)
+            arch = Arch.parse(args.arch).validate(space)
+        else:  # the plain backbone: no early exit
+            arch = Arch(depths=space.max_depths, exits=())
         costs = table.exit_costs(arch)
         exits = [{"position": f"s{e.stage}b{e.block}", "head": e.head, "macs": c,
                   "relative": c / backbone} for e, c in zip(arch.exits, costs)]

@@ -1,0 +1,122 @@
+"""Supernet: elastic depth, every candidate head, exact extraction, early-exit forward."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import SPACES
+from exitnas.arch import Arch, Exit, sample_arch
+from exitnas.errors import ArchError
+from exitnas.heads import HEADS, build_head
+from exitnas.model import exits_from_logits
+from exitnas.space import load_space
+from exitnas.supernet import Supernet
+
+SHIPPED = sorted(SPACES.glob("*.yaml"))
+
+
+def _perturb_bn(net: torch.nn.Module, seed: int) -> None:
+    """Give BN layers non-trivial statistics so eval-mode equality is a real check."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_extraction_is_exact(path):
+    torch.manual_seed(0)
+    space = load_space(path)
+    net = Supernet(space)
+    _perturb_bn(net, 1)
+    net.eval()
+    rng = random.Random(0)
+    x = torch.randn(6, space.input.channels, space.input.size, space.input.size)
+    for _ in range(20):
+        arch = sample_arch(space, rng)
+        model = net.extract(arch).eval()
+        with torch.no_grad():
+            ref = net.forward_exits(x, arch.depths, arch.exits)
+            got = model.forward_exits(x)
+        assert len(got) == len(arch.exits) + 1
+        for a, b in zip(ref, got):
+            assert (a - b).abs().max().item() <= 1e-5
+        pred = model.predict(x)
+        want = exits_from_logits(ref, arch.policy, arch.thresholds)
+        assert torch.equal(pred.exit, want.exit)
+        assert torch.equal(pred.pred, want.pred)
+
+
+def test_extracted_model_holds_only_the_chosen_blocks(tiny_space):
+    net = Supernet(tiny_space)
+    arch = Arch(depths=(1, 2), exits=(Exit(0, 0, "conv"),), policy="max_softmax", thresholds=(0.9,))
+    model = net.extract(arch)
+    blocks = sum(1 for seg in model.segments for m in seg if type(m).__name__ == "BasicBlock")
+    assert blocks == 3
+    assert len(model.heads) == 2
+    assert type(model.heads[0]).__name__ == "ConvHead"
+    # copies, not shared modules
+    p_model = next(model.heads[0].parameters())
+    p_net = next(net.heads["s0b0=conv"].parameters())
+    assert p_model.data_ptr() != p_net.data_ptr()
+    assert torch.equal(p_model, p_net)
+
+
+def test_elastic_depth_skips_blocks(tiny_space):
+    net = Supernet(tiny_space).eval()
+    x = torch.randn(2, 3, 8, 8)
+    # the skipped blocks do not influence the output
+    out_a = net.forward_exits(x, (1, 1), [])[-1]
+    torch.nn.init.constant_(net.stages[0][1].conv1.weight, 5.0)
+    torch.nn.init.constant_(net.stages[1][1].conv1.weight, 5.0)
+    out_b = net.forward_exits(x, (1, 1), [])[-1]
+    assert torch.equal(out_a, out_b)
+    assert not torch.equal(out_a, net.forward_exits(x, (2, 2), [])[-1])
+
+
+def test_forward_exits_defaults_to_every_candidate(tiny_space):
+    net = Supernet(tiny_space).eval()
+    x = torch.randn(2, 3, 8, 8)
+    cands = net.candidate_exits((2, 2))
+    assert len(cands) == 3 * 4
+    assert len(net.forward_exits(x, (2, 2))) == len(cands) + 1
+
+
+def test_early_exit_drops_samples(tiny_space):
+    """A sample that left at exit 0 is not computed by the later segments."""
+    net = Supernet(tiny_space).eval()
+    arch = Arch(depths=(2, 2), exits=(Exit(0, 0, "linear"),), policy="max_softmax", thresholds=(0.0,))
+    model = net.extract(arch).eval()
+    seen = []
+    model.segments[1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    out = model.predict(torch.randn(5, 3, 8, 8))
+    assert out.exit.tolist() == [0] * 5
+    assert seen == []  # threshold 0: everyone leaves at exit 0
+    model.predict(torch.randn(5, 3, 8, 8), thresholds=(1.01,))
+    assert seen == [5]
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_heads_map_features_to_logits(name):
+    head = build_head(name, in_channels=8, num_classes=5)
+    assert head(torch.randn(3, 8, 6, 6)).shape == (3, 5)
+    assert head(torch.randn(3, 8, 2, 2)).shape == (3, 5)
+
+
+def test_sdn_pool_mixes_max_and_avg():
+    head = build_head("sdn_pool", in_channels=2, num_classes=3)
+    assert head.alpha.item() == 0.5
+    assert any(p is head.alpha for p in head.parameters())
+
+
+def test_extract_rejects_archs_outside_the_space(tiny_space):
+    net = Supernet(tiny_space)
+    with pytest.raises(ArchError, match="depth 3 of stage 1"):
+        net.extract(Arch(depths=(1, 3), exits=(), policy="max_softmax"))
+    with pytest.raises(ArchError, match="not a candidate"):
+        net.extract(Arch(depths=(1, 1), exits=(Exit(0, 1, "linear"),), policy="max_softmax",
+                         thresholds=(0.5,)))
