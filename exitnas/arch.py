@@ -164,8 +164,10 @@ def sample_arch(space: Space, rng: random.Random) -> Arch:
 
 
 def sample_params(space: Space, policy: str, n_exits: int, rng: random.Random) -> tuple[float, ...]:
-    cfg = space.policy
-    if policy == "patience":
-        return (float(rng.randint(*cfg.patience_range)),)
-    lo, hi = cfg.entropy_range if policy == "entropy" else cfg.threshold_range
-    return tuple(round(rng.uniform(lo, hi), 4) for _ in range(n_exits))
+    """Uniform parameters for ``policy`` within the space's range for it."""
+    rule = get_policy(policy)
+    lo, hi = rule.param_range(space.policy)
+    n = rule.num_params(n_exits)
+    if rule.integer:
+        return tuple(float(rng.randint(int(lo), int(hi))) for _ in range(n))
+    return tuple(round(rng.uniform(lo, hi), 4) for _ in range(n))

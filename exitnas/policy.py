@@ -46,13 +46,22 @@ class Policy:
 
     name: str = ""
     per_exit: bool = True  # one parameter per early exit (else a single one)
+    integer: bool = False  # parameters are whole numbers
+    range_field: str = "threshold_range"  # the PolicyConfig field bounding the parameters
+
+    def param_range(self, cfg) -> tuple[float, float]:
+        """(low, high) allowed for this policy's parameters by a space's ``PolicyConfig``."""
+        return tuple(getattr(cfg, self.range_field))
+
+    def num_params(self, n_exits: int) -> int:
+        return n_exits if self.per_exit else 1
 
     def exit_mask(self, stats: ExitStats, params: tuple[float, ...]) -> torch.Tensor:
         raise NotImplementedError
 
     def check(self, params: tuple[float, ...], n_exits: int) -> str | None:
         """None when ``params`` fit ``n_exits`` early exits, else what is wrong."""
-        want = n_exits if self.per_exit else 1
+        want = self.num_params(n_exits)
         if len(params) != want:
             return f"policy {self.name} needs {want} value(s), got {len(params)}"
         return None
@@ -81,6 +90,7 @@ class Entropy(Policy):
     """Leave at the first exit whose softmax entropy (nats) is <= its threshold."""
 
     name = "entropy"
+    range_field = "entropy_range"
 
     def exit_mask(self, stats: ExitStats, params: tuple[float, ...]) -> torch.Tensor:
         return stats.entropy <= _column(params, stats.entropy.shape[0])
@@ -97,6 +107,8 @@ class Patience(Policy):
 
     name = "patience"
     per_exit = False
+    integer = True
+    range_field = "patience_range"
 
     def exit_mask(self, stats: ExitStats, params: tuple[float, ...]) -> torch.Tensor:
         p = int(params[0])
