@@ -48,11 +48,11 @@ class StageConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BackboneConfig:
-    family: str = field(choices=blocks.FAMILIES, doc="resnet | mobilenetv2")
-    block: str = field(choices=blocks.BLOCKS, doc="basic | bottleneck | inverted_residual")
+    family: str = field(choices=blocks.FAMILIES, doc="backbone family: resnet or mobilenetv2")
+    block: str = field(choices=blocks.BLOCKS, doc="block registry name: basic, bottleneck (resnet), inverted_residual (mobilenetv2)")
     stem: Literal["cifar", "imagenet"] = field("cifar", doc="cifar: 3x3 s1; imagenet: 7x7 s2 + max-pool")
-    stem_channels: int = field(16, ge=1)
-    stages: tuple[StageConfig, ...] = field(nonempty=True)
+    stem_channels: int = field(16, ge=1, doc="output width of the stem")
+    stages: tuple[StageConfig, ...] = field(nonempty=True, doc="one entry per stage, in order")
     final_head: str = field("linear", choices=heads.HEADS, doc="head of the final exit")
     final_channels: int | None = field(None, ge=1, doc="1x1 conv width before the final head")
 
@@ -68,7 +68,8 @@ class BackboneConfig:
 class ExitsConfig:
     positions: str | tuple[tuple[int, int], ...] = field(
         "all", doc="'all' or a list of [stage, block] pairs after which an exit may sit")
-    heads: tuple[str, ...] = field(("linear",), nonempty=True, choices=heads.HEADS)
+    heads: tuple[str, ...] = field(("linear",), nonempty=True, choices=heads.HEADS,
+                                   doc="head designs the search may place (heads registry)")
     max_exits: int = field(4, ge=1, doc="most early exits (the final exit not counted)")
     min_exits: int = field(1, ge=0, doc="fewest early exits")
 
@@ -83,7 +84,8 @@ class ExitsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyConfig:
-    names: tuple[str, ...] = field(("max_softmax",), nonempty=True, choices=policy.POLICIES)
+    names: tuple[str, ...] = field(("max_softmax",), nonempty=True, choices=policy.POLICIES,
+                                   doc="exit policies the search may pick: max_softmax, entropy, patience")
     threshold_range: tuple[float, float] = field((0.5, 1.0), ge=0.0, le=1.0,
                                                  doc="max_softmax thresholds")
     entropy_range: tuple[float, float] = field((0.0, 1.5), ge=0.0, doc="entropy thresholds, nats")
@@ -98,18 +100,19 @@ class PolicyConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = field("digits")
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = field(
+        "digits", doc="digits: scikit-learn 8x8 (bundled); synthetic: for tests")
     root: str | None = field(None, doc="dataset folder (cifar*: torchvision root; imagefolder: "
                                        "holds train/ and test/)")
     download: bool = field(False, doc="let torchvision download CIFAR")
     val_fraction: float = field(0.1, gt=0.0, lt=1.0, doc="held out of train, never augmented")
-    split_seed: int = field(0)
+    split_seed: int = field(0, doc="seed of the train/val split")
     mean: tuple[float, ...] | None = field(None, doc="per-channel normalisation (dataset default)")
-    std: tuple[float, ...] | None = field(None, gt=0.0)
+    std: tuple[float, ...] | None = field(None, gt=0.0, doc="per-channel std (dataset default)")
     augment: bool = field(True, doc="random crop (pad size/8) + horizontal flip on train")
-    batch_size: int = field(128, ge=1)
-    eval_batch_size: int = field(512, ge=1)
-    num_workers: int = field(0, ge=0)
+    batch_size: int = field(128, ge=1, doc="training batch (per process)")
+    eval_batch_size: int = field(512, ge=1, doc="batch for caching and evaluation")
+    num_workers: int = field(0, ge=0, doc="reserved for streaming loaders; in-memory sets need none")
     train_subset: int | None = field(None, ge=1, doc="use only this many train images")
     test_subset: int | None = field(None, ge=1, doc="use only this many test images")
     synthetic_size: int = field(512, ge=16, doc="images in the synthetic set")
@@ -117,37 +120,37 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    optimizer: Literal["sgd", "adamw"] = field("sgd")
-    lr: float = field(0.1, gt=0.0)
-    momentum: float = field(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = field(True)
-    weight_decay: float = field(5e-4, ge=0.0)
-    schedule: Literal["cosine", "constant"] = field("cosine")
-    warmup_epochs: int = field(0, ge=0)
+    optimizer: Literal["sgd", "adamw"] = field("sgd", doc="sgd (momentum) or adamw")
+    lr: float = field(0.1, gt=0.0, doc="peak learning rate")
+    momentum: float = field(0.9, ge=0.0, lt=1.0, doc="SGD momentum")
+    nesterov: bool = field(True, doc="Nesterov momentum (sgd)")
+    weight_decay: float = field(5e-4, ge=0.0, doc="L2 / decoupled weight decay")
+    schedule: Literal["cosine", "constant"] = field("cosine", doc="learning-rate schedule over epochs")
+    warmup_epochs: int = field(0, ge=0, doc="linear warm-up epochs")
 
 
 @dataclass(frozen=True, kw_only=True)
 class SupernetConfig:
-    epochs: int = field(10, ge=1)
-    optim: OptimConfig = field(OptimConfig())
+    epochs: int = field(10, ge=1, doc="supernet training epochs")
+    optim: OptimConfig = field(OptimConfig(), doc="optimizer settings")
     random_subnets: int = field(2, ge=0, doc="random sub-networks per step (sandwich rule)")
     distill: bool = field(True, doc="in-place distillation from the largest net's final exit")
-    distill_temperature: float = field(1.0, gt=0.0)
+    distill_temperature: float = field(1.0, gt=0.0, doc="temperature of in-place distillation")
     bn_calib_batches: int = field(10, ge=1, doc="train batches to re-estimate BN statistics")
-    seed: int = field(0)
-    channels_last: bool = field(False)
+    seed: int = field(0, doc="training seed")
+    channels_last: bool = field(False, doc="channels_last memory format (faster on CPU)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
-    trials: int = field(200, ge=1)
-    sampler: Literal["nsga2", "random"] = field("nsga2")
-    population_size: int = field(32, ge=2)
-    seed: int = field(0)
+    trials: int = field(200, ge=1, doc="completed trials the search reaches")
+    sampler: Literal["nsga2", "random"] = field("nsga2", doc="NSGA-II or a random baseline")
+    population_size: int = field(32, ge=2, doc="NSGA-II population")
+    seed: int = field(0, doc="sampler seed")
     budget_fraction: float | None = field(1.0, gt=0.0, doc="expected-MACs budget / backbone MACs")
     budget_macs: float | None = field(None, gt=0.0, doc="absolute budget (overrides fraction)")
     max_path_fraction: float | None = field(None, gt=0.0, doc="worst-case path budget")
-    backend: Literal["optuna", "ray"] = field("optuna")
+    backend: Literal["optuna", "ray"] = field("optuna", doc="in-process Optuna or Ray Tune")
     storage: str | None = field(None, doc="SQLAlchemy URL or journal path (default: run dir)")
     workers: int = field(2, ge=1, doc="concurrent Ray trials")
     retrain_top: int = field(3, ge=1, doc="front members retrained by `exitnas run`")
@@ -155,23 +158,23 @@ class SearchConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RetrainConfig:
-    regime: Literal["joint", "disjoint", "mixed"] = field("mixed")
+    regime: Literal["joint", "disjoint", "mixed"] = field("mixed", doc="training regime (Kubaty et al.)")
     epochs: int = field(10, ge=1, doc="total, split across phases")
     phase1_fraction: float = field(0.5, gt=0.0, lt=1.0, doc="share of epochs in phase 1")
     loss: str = field("mean_ce", doc="exit-loss registry name")
     loss_temperature: float = field(3.0, gt=0.0, doc="distillation temperature")
     loss_weight: float = field(0.5, ge=0.0, le=1.0, doc="distillation weight")
-    optim: OptimConfig = field(OptimConfig())
-    init_from_supernet: bool = field(False)
-    seed: int = field(0)
-    channels_last: bool = field(False)
+    optim: OptimConfig = field(OptimConfig(), doc="optimizer settings")
+    init_from_supernet: bool = field(False, doc="start from the supernet's weights")
+    seed: int = field(0, doc="training seed")
+    channels_last: bool = field(False, doc="channels_last memory format")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Space:
     name: str = field(doc="used in run directories and exports")
-    version: int = field(1, ge=1)
-    num_classes: int = field(ge=2)
+    version: int = field(1, ge=1, doc="version of this space file")
+    num_classes: int = field(ge=2, doc="classes of the dataset")
     input: InputConfig = field(InputConfig())
     backbone: BackboneConfig
     exits: ExitsConfig = field(ExitsConfig())
