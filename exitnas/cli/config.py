@@ -41,7 +41,8 @@ def reference_rows(cls=Space, prefix: str = "") -> list[tuple[str, str, str, str
 def reference_markdown() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, tp, default, doc in reference_rows():
-        lines.append(f"| `{key}` | {tp} | `{default}` | {doc.replace('|', '\\|')} |")
+        doc = doc.replace("|", "\\|")  # a bar would end the Markdown cell
+        lines.append(f"| `{key}` | {tp} | `{default}` | {doc} |")
     return "\n".join(lines)
 
 
