@@ -106,7 +106,8 @@ def _decode_folder(folder: Path, classes: list[str], channels: int, size: int) -
             labels.append(label)
     if not images:
         raise DataError(f"{folder}: no images found")
-    return TensorSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64))
+    return TensorSet(torch.from_numpy(np.ascontiguousarray(np.stack(images))),
+                     torch.tensor(labels, dtype=torch.int64))
 
 
 def _imagefolder(space: Space) -> tuple[TensorSet, TensorSet, tuple[str, ...]]:
@@ -138,7 +139,7 @@ def _imagefolder(space: Space) -> tuple[TensorSet, TensorSet, tuple[str, ...]]:
             ts = _decode_folder(root / split, classes, c, s)
             try:
                 with atomic_path(cache) as tmp:
-                    save_file({"images": ts.images, "labels": ts.labels}, str(tmp))
+                    save_file({"images": ts.images.contiguous(), "labels": ts.labels}, str(tmp))
             except OSError:
                 pass  # read-only dataset folder: decode each time
         sets.append(ts)
