@@ -77,7 +77,7 @@ def test_imagefolder_reads_and_caches(tmp_path, tiny_space):
     assert list((tmp_path / ".exitnas-cache").glob("*.safetensors"))
     again = load_splits(space)  # from the decoded cache
     assert torch.equal(s.train.images, again.train.images)
-    img = np.asarray(Image.open(tmp_path / "test" / "cat" / "0.png"))
+    img = np.array(Image.open(tmp_path / "test" / "cat" / "0.png"))
     assert torch.equal(s.test.images[0], torch.from_numpy(img).permute(2, 0, 1))
 
 
