@@ -45,8 +45,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _convert(arg, value, path)
             except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
+                errors.append((_shape_matches(arg, value), err))
+        # report the error of the branch the value looks like (a list -> the tuple branch)
+        raise max(errors, key=lambda e: e[0])[1]
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -80,6 +81,15 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"expected a string, got {_describe(value)}", path=path)
         return value
     raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def _shape_matches(tp: Any, value: Any) -> bool:
+    origin = typing.get_origin(tp) or tp
+    if isinstance(value, (list, tuple)):
+        return origin is tuple
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp)
+    return not (origin is tuple or dataclasses.is_dataclass(tp))
 
 
 def _describe(value: Any) -> str:
