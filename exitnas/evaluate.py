@@ -4,13 +4,29 @@ For one depth setting, one pass over a split with every candidate head active gi
 (position, head) pair and for the final exit, each sample's max softmax probability, entropy
 and argmax. Any choice of exits, heads, policy and thresholds for that depth is then scored from
 these arrays without touching the network, and gives exactly the predictions and exit indices of
-the extracted model's early-exit forward (``MultiExitModel.predict``).
+the extracted model's early-exit forward (``MultiExitModel.predict``)::
+
+    cache = load_or_build_cache(run, net, (3, 2, 4), splits)        # one pass, then on disk
+    s = score(cache, arch, cost_table(space))                       # ~0.1 ms, no network
+    stats = ArchStats.from_cache(cache, arch, cost_table(space))    # one arch, for protocols
+    stats = ArchStats.from_model(model, batches(...), exit_macs=..., backbone_macs=...)
+
+Scoring runs in numpy over float32 statistics with the same float32 comparisons as
+``exitnas.policy`` (``conf >= float32(t)``, ``entropy <= float32(t)``, equal argmax for
+patience); a policy without a numpy rule here falls back to its torch ``exit_mask``.
+Exactness holds up to the CPU kernels themselves: per-sample logits can differ in the last bits
+with the batch a sample is computed in, which only matters for a sample whose confidence lies
+within those bits of a threshold.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .arch import Arch, Exit
@@ -18,12 +34,75 @@ from .cost import CostTable
 from .policy import ExitStats, first_exit, get_policy
 
 
+# ---- the single vectorised scorer ------------------------------------------------------------
+def _threshold_rule(values: np.ndarray, rows: np.ndarray, params, *, below: bool) -> np.ndarray:
+    k = len(rows) - 1
+    if len(params) < k:
+        raise ValueError(f"{len(params)} thresholds for {k} early exits")
+    idx = np.full(values.shape[1], k, dtype=np.intp)
+    op = np.less_equal if below else np.greater_equal
+    for j in range(k - 1, -1, -1):  # walk back so the first accepting exit wins
+        idx[op(values[rows[j]], np.float32(params[j]))] = j
+    return idx
+
+
+def _patience_rule(pred: np.ndarray, rows: np.ndarray, params) -> np.ndarray:
+    k, p = len(rows) - 1, int(params[0])
+    idx = np.full(pred.shape[1], k, dtype=np.intp)
+    run = np.ones(pred.shape[1], dtype=np.int32)
+    for j in range(k):
+        if j:
+            same = pred[rows[j]] == pred[rows[j - 1]]
+            run = np.where(same, run + 1, 1)
+        idx[(run >= p) & (idx == k)] = j
+    return idx
+
+
+def exit_index(policy: str, params: Sequence[float], conf: np.ndarray, entropy: np.ndarray,
+               pred: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Exit taken by every sample [N] (``len(rows) - 1`` = the final exit).
+
+    ``conf``/``entropy``/``pred`` are [R, N] statistics; ``rows`` picks an arch's exits from
+    them in network order, the final exit last."""
+    if policy == "max_softmax":
+        return _threshold_rule(conf, rows, params, below=False)
+    if policy == "entropy":
+        return _threshold_rule(entropy, rows, params, below=True)
+    if policy == "patience":
+        return _patience_rule(pred, rows, params)
+    early = rows[:-1]
+    stats = ExitStats(*(torch.from_numpy(np.ascontiguousarray(a[early]))
+                        for a in (conf, entropy, pred)))
+    return first_exit(get_policy(policy).exit_mask(stats, tuple(params))).numpy()
+
+
+@dataclass(frozen=True)
+class Score:
+    accuracy: float
+    expected_macs: float
+    exit_fractions: tuple[float, ...]  # share of samples leaving at each exit (final last)
+    exit_accuracy: tuple[float, ...]   # accuracy of each exit on all samples (anytime)
+    exit_macs: tuple[int, ...]         # C_k
+
+
+def _summarise(idx: np.ndarray, correct_flat: np.ndarray, rows: np.ndarray, n: int,
+               exit_accuracy: tuple[float, ...], exit_macs: Sequence[int]) -> Score:
+    counts = np.bincount(idx, minlength=len(rows))
+    hits = int(np.count_nonzero(correct_flat[rows[idx] * n + np.arange(n)]))
+    # integer MACs x integer counts, divided once: the same float for any summation order
+    total = sum(int(c) * int(m) for c, m in zip(counts.tolist(), exit_macs))
+    return Score(accuracy=hits / n, expected_macs=total / n,
+                 exit_fractions=tuple(c / n for c in counts.tolist()),
+                 exit_accuracy=exit_accuracy, exit_macs=tuple(int(m) for m in exit_macs))
+
+
+# ---- the supernet cache ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExitCache:
     """Statistics of every candidate exit of one depth setting over one split.
 
-    ``conf``/``entropy``/``pred`` are [E + 1, N]: row i is ``exits[i]``, the last row is the
-    final exit. ``labels`` is [N]."""
+    ``conf``/``entropy`` (float32) and ``pred`` (int64) are [E + 1, N]: row i is ``exits[i]``,
+    the last row is the final exit. ``labels`` is [N] int64."""
 
     depths: tuple[int, ...]
     exits: tuple[Exit, ...]
@@ -36,16 +115,38 @@ class ExitCache:
     def num_samples(self) -> int:
         return int(self.labels.numel())
 
-    def rows(self, arch: Arch) -> torch.Tensor:
-        """Row indices of ``arch``'s exits, the final exit last."""
-        index = {e: i for i, e in enumerate(self.exits)}
+    @cached_property
+    def _index(self) -> dict[Exit, int]:
+        return {e: i for i, e in enumerate(self.exits)}
+
+    def row_index(self, arch: Arch) -> np.ndarray:
+        """Row indices (numpy) of ``arch``'s exits, the final exit last."""
         try:
-            return torch.tensor([index[e] for e in arch.exits] + [len(self.exits)])
+            return np.array([self._index[e] for e in arch.exits] + [len(self.exits)], dtype=np.intp)
         except KeyError as err:
             raise ValueError(f"exit {err.args[0]} is not in the cache for depths {self.depths}") from None
 
+    def rows(self, arch: Arch) -> torch.Tensor:
+        """Row indices of ``arch``'s exits, the final exit last."""
+        return torch.from_numpy(self.row_index(arch)).long()
+
     def correct(self) -> torch.Tensor:
         return self.pred == self.labels.unsqueeze(0)
+
+    # numpy views shared with the tensors (no copy), built once per cache
+    @cached_property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(t.contiguous().numpy() for t in (self.conf, self.entropy, self.pred))
+
+    @cached_property
+    def _correct_flat(self) -> np.ndarray:
+        return (self.arrays[2] == self.labels.numpy()[None, :]).reshape(-1)
+
+    @cached_property
+    def row_accuracy(self) -> tuple[float, ...]:
+        """Accuracy of every cached row on all samples (anytime accuracy)."""
+        n = self.num_samples
+        return tuple(c / n for c in self._correct_flat.reshape(-1, n).sum(axis=1).tolist())
 
 
 @torch.no_grad()
@@ -62,76 +163,214 @@ def build_cache(net, depths: tuple[int, ...], batches: Iterable) -> ExitCache:
         parts.append((stats.conf, stats.entropy, stats.pred))
         labels.append(y)
     conf, entropy, pred = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
-    return ExitCache(tuple(depths), exits, conf, entropy, pred, torch.cat(labels))
-
-
-@dataclass(frozen=True)
-class Score:
-    accuracy: float
-    expected_macs: float
-    exit_fractions: tuple[float, ...]  # share of samples leaving at each exit (final last)
-    exit_accuracy: tuple[float, ...]   # accuracy of each exit on all samples (anytime)
-    exit_macs: tuple[int, ...]         # C_k
+    return ExitCache(tuple(depths), exits, conf, entropy, pred, torch.cat(labels).long())
 
 
 def decide(cache: ExitCache, arch: Arch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predictions [N], exit index [N]) of ``arch`` on the cached split."""
-    rows = cache.rows(arch)
-    early = rows[:-1]
-    stats = ExitStats(cache.conf[early], cache.entropy[early], cache.pred[early])
-    idx = first_exit(get_policy(arch.policy).exit_mask(stats, arch.thresholds))
-    pred = cache.pred[rows[idx], torch.arange(cache.num_samples)]
-    return pred, idx
+    """(predictions [N], exit index [N]), both int64, of ``arch`` on the cached split."""
+    rows = cache.row_index(arch)
+    conf, entropy, pred = cache.arrays
+    idx = exit_index(arch.policy, arch.thresholds, conf, entropy, pred, rows)
+    n = cache.num_samples
+    out = pred.reshape(-1)[rows[idx] * n + np.arange(n)]
+    return torch.from_numpy(out.astype(np.int64)), torch.from_numpy(idx.astype(np.int64))
 
 
 def score(cache: ExitCache, arch: Arch, costs: CostTable) -> Score:
     """Accuracy and expected MACs of ``arch`` from the cache (no network pass)."""
-    pred, idx = decide(cache, arch)
+    rows = cache.row_index(arch)
+    conf, entropy, pred = cache.arrays
+    idx = exit_index(arch.policy, arch.thresholds, conf, entropy, pred, rows)
+    acc = cache.row_accuracy
+    return _summarise(idx, cache._correct_flat, rows, cache.num_samples,
+                      tuple(acc[r] for r in rows.tolist()), costs.exit_costs(arch))
+
+
+# ---- one fixed architecture (protocols) ------------------------------------------------------
+@dataclass(frozen=True)
+class ArchStats:
+    """Per-exit statistics of ONE architecture over one split, [K, N] (final exit last):
+    ``conf``/``entropy`` float32, ``pred`` int64; ``labels`` [N]; ``exit_macs`` C_k;
+    ``backbone_macs`` the plain backbone's MACs (relative costs divide by it)."""
+
+    conf: np.ndarray
+    entropy: np.ndarray
+    pred: np.ndarray
+    labels: np.ndarray
+    exit_macs: tuple[int, ...]
+    backbone_macs: int
+    names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for name, dtype in (("conf", np.float32), ("entropy", np.float32), ("pred", np.int64),
+                            ("labels", np.int64)):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=dtype))
+        object.__setattr__(self, "exit_macs", tuple(int(c) for c in self.exit_macs))
+        object.__setattr__(self, "backbone_macs", int(self.backbone_macs))
+        k, n = self.conf.shape
+        if self.entropy.shape != (k, n) or self.pred.shape != (k, n) or self.labels.shape != (n,):
+            raise ValueError(f"ArchStats arrays disagree: conf {self.conf.shape}, entropy "
+                             f"{self.entropy.shape}, pred {self.pred.shape}, labels {self.labels.shape}")
+        if len(self.exit_macs) != k:
+            raise ValueError(f"{len(self.exit_macs)} exit costs for {k} exits")
+        if not self.names:
+            object.__setattr__(self, "names", tuple(f"exit{i}" for i in range(k - 1)) + ("final",))
+
+    @property
+    def num_exits(self) -> int:
+        """Exits including the final one (K)."""
+        return int(self.conf.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    @cached_property
+    def _rows(self) -> np.ndarray:
+        return np.arange(self.num_exits, dtype=np.intp)
+
+    @cached_property
+    def _correct_flat(self) -> np.ndarray:
+        return (self.pred == self.labels[None, :]).reshape(-1)
+
+    @cached_property
+    def exit_accuracy(self) -> tuple[float, ...]:
+        n = self.num_samples
+        return tuple(c / n for c in self._correct_flat.reshape(-1, n).sum(axis=1).tolist())
+
+    def exit_index(self, policy: str, params: Sequence[float]) -> np.ndarray:
+        return exit_index(policy, params, self.conf, self.entropy, self.pred, self._rows)
+
+    def score_index(self, idx: np.ndarray) -> Score:
+        """Score given exits taken per sample [N] (from any rule: policy, budget, oracle)."""
+        return _summarise(np.asarray(idx, dtype=np.intp), self._correct_flat, self._rows,
+                          self.num_samples, self.exit_accuracy, self.exit_macs)
+
+    def score(self, policy: str, params: Sequence[float]) -> Score:
+        return self.score_index(self.exit_index(policy, params))
+
+    @classmethod
+    def from_cache(cls, cache: ExitCache, arch: Arch, costs: CostTable) -> "ArchStats":
+        """``arch``'s rows of a supernet cache."""
+        rows = cache.row_index(arch)
+        conf, entropy, pred = cache.arrays
+        return cls(conf[rows], entropy[rows], pred[rows], cache.labels.numpy().copy(),
+                   tuple(costs.exit_costs(arch)), int(costs.backbone()),
+                   tuple(e.key for e in arch.exits) + ("final",))
+
+    @classmethod
+    @torch.no_grad()
+    def from_model(cls, model, batches: Iterable, *, exit_macs: Sequence[int],
+                   backbone_macs: int) -> "ArchStats":
+        """One pass of a standalone ``MultiExitModel`` (eval mode, every exit computed for
+        every sample) over ``batches`` of (images, labels)."""
+        was = model.training
+        model.eval()
+        parts, labels = [], []
+        try:
+            for x, y in batches:
+                s = ExitStats.stack(model.forward_exits(x))
+                parts.append((s.conf, s.entropy, s.pred))
+                labels.append(y)
+        finally:
+            model.train(was)
+        if not parts:
+            raise ValueError("ArchStats.from_model got no batches")
+        conf, entropy, pred = (torch.cat([p[i] for p in parts], dim=1).numpy() for i in range(3))
+        return cls(conf, entropy, pred, torch.cat(labels).long().numpy(), tuple(exit_macs),
+                   int(backbone_macs), tuple(model.exit_names))
+
+
+# ---- the cache on disk -----------------------------------------------------------------------
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def cache_digest(net) -> str:
+    """sha256 (16 hex) of the weights that define a cache: every parameter and buffer except
+    BatchNorm running statistics, which are re-estimated per depth setting before each pass
+    (so a recalibration for one depth setting does not change the key of another)."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        if name.rsplit(".", 1)[-1] in _BN_STATS:
+            continue
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _settings_digest(space, split: str, exits: Sequence[Exit]) -> str:
+    """What else changes the cached numbers: data and split settings, BN recalibration."""
+    from ._config import to_dict
+
+    key = {"split": split, "data": to_dict(space.data), "bn": space.supernet.bn_calib_batches,
+           "seed": space.supernet.seed, "exits": [e.key for e in exits]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def cache_path(run_dir, depths: tuple[int, ...], digest: str, split: str, settings: str = ""):
+    tail = f"-{settings}" if settings else ""
+    return run_dir.path / "cache" / f"{split}-d{'.'.join(map(str, depths))}-{digest}{tail}.safetensors"
+
+
+def _read_cache(path, depths, exits, labels) -> ExitCache | None:
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+        cache = ExitCache(depths, exits, t["conf"].float(), t["entropy"].float(),
+                          t["pred"].long(), t["labels"].long())
+    except Exception:
+        return None  # unreadable: rebuild
     n = cache.num_samples
-    k = len(arch.exits) + 1
-    fractions = torch.bincount(idx, minlength=k).double() / n
-    c = costs.exit_costs(arch)
-    rows = cache.rows(arch)
-    per_exit = (cache.pred[rows] == cache.labels).double().mean(dim=1)
-    return Score(accuracy=float((pred == cache.labels).double().mean()),
-                 expected_macs=float((fractions * torch.tensor(c, dtype=torch.float64)).sum()),
-                 exit_fractions=tuple(fractions.tolist()),
-                 exit_accuracy=tuple(per_exit.tolist()), exit_macs=tuple(c))
+    shape = (len(exits) + 1, n)
+    if cache.conf.shape != shape or cache.entropy.shape != shape or cache.pred.shape != shape:
+        return None
+    if labels is not None and not torch.equal(cache.labels, labels.long()):
+        return None
+    return cache
 
 
-def cache_path(run_dir, depths: tuple[int, ...], digest: str, split: str):
-    return run_dir.path / "cache" / f"{split}-d{'.'.join(map(str, depths))}-{digest}.safetensors"
+def _write_cache(path, cache: ExitCache) -> None:
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    # class indices fit int16 for any realistic label set: 4x smaller than int64
+    small = int(max(cache.pred.max(), cache.labels.max())) < 2 ** 15
+    itype = torch.int16 if small else torch.int32
+    with atomic_path(path) as tmp:
+        save_file({"conf": cache.conf.contiguous(), "entropy": cache.entropy.contiguous(),
+                   "pred": cache.pred.to(itype), "labels": cache.labels.to(itype)}, str(tmp),
+                  metadata={"depths": ".".join(map(str, cache.depths)),
+                            "exits": ",".join(e.key for e in cache.exits)})
 
 
 def load_or_build_cache(run_dir, net, depths: tuple[int, ...], splits, *, split: str = "val",
                         digest: str | None = None) -> ExitCache:
-    """The cache of ``depths`` over ``split`` for these weights: read from the run directory,
-    or built (BN recalibrated on ``supernet.bn_calib_batches`` train batches first) and written
-    atomically. ``digest`` (see ``supernet.weights_digest``) keys it to the weights."""
-    from safetensors.torch import load_file, save_file
-
+    """The cache of ``depths`` over ``split`` for these weights: read from
+    ``RUN/cache/<split>-d<depths>-<weights>-<settings>.safetensors``, or built (BN
+    recalibrated on ``supernet.bn_calib_batches`` train batches first, which changes ``net``'s
+    BN statistics) and written atomically. ``digest`` defaults to :func:`cache_digest`;
+    ``splits`` may be None when the file exists."""
     from .data import batches
-    from .io import atomic_path
-    from .supernet import weights_digest
 
     depths = tuple(depths)
-    digest = digest or weights_digest(net)
-    path = cache_path(run_dir, depths, digest, split)
-    exits = tuple(net.candidate_exits(depths))
-    if path.is_file():
-        try:
-            t = load_file(str(path))
-            return ExitCache(depths, exits, t["conf"], t["entropy"], t["pred"], t["labels"])
-        except Exception:
-            pass  # unreadable cache file: rebuild it
     space = net.space
+    exits = tuple(net.candidate_exits(depths))
+    digest = digest or cache_digest(net)
+    path = cache_path(run_dir, depths, digest, split, _settings_digest(space, split, exits))
+    data = getattr(splits, split) if splits is not None else None
+    if path.is_file():
+        cache = _read_cache(path, depths, exits, None if data is None else data.labels)
+        if cache is not None:
+            return cache
+    if splits is None:
+        raise ValueError(f"{path}: no usable cache and no splits given to build it")
     calib = batches(splits.train, batch_size=space.data.batch_size, mean=splits.mean,
                     std=splits.std, shuffle=True, seed=space.supernet.seed)
     net.recalibrate_bn(depths, (b for _, b in zip(range(space.supernet.bn_calib_batches), calib)))
-    data = getattr(splits, split)
     cache = build_cache(net, depths, batches(data, batch_size=space.data.eval_batch_size,
                                              mean=splits.mean, std=splits.std))
-    with atomic_path(path) as tmp:
-        save_file({"conf": cache.conf, "entropy": cache.entropy, "pred": cache.pred,
-                   "labels": cache.labels}, str(tmp))
+    _write_cache(path, cache)
     return cache
