@@ -1,0 +1,91 @@
+"""``exitnas train-supernet CONFIG --run-dir DIR`` and ``exitnas retrain RUN_DIR --arch A``.
+
+Resume semantics (both commands): rerunning the same command continues from the step's last
+checkpoint, or does nothing when the step has finished. A checkpoint made for another space,
+arch or regime, or with other settings, is refused with one line naming what differs; nothing
+is overwritten. ``--resume`` insists on continuing (error if there is no checkpoint yet);
+``--restart`` trains from scratch, replacing the old outputs as new epochs finish.
+Both run under ``torchrun --nproc_per_node N`` (DistributedDataParallel; gloo on CPU, NCCL on GPU).
+"""
+from __future__ import annotations
+
+import argparse
+
+from . import add_set_argument, command, parse_sets
+from ..errors import ConfigError
+
+
+def _resume_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint; error if there is none "
+                        "(without a flag a matching checkpoint is continued anyway)")
+    g.add_argument("--restart", action="store_true",
+                   help="ignore any checkpoint and train from scratch")
+
+
+@command("train-supernet", help="train the weight-sharing supernet of a search space")
+class TrainSupernet:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("config", help="search-space YAML")
+        p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
+        add_set_argument(p)
+        _resume_flags(p)
+
+    @staticmethod
+    def run(args):
+        from ..rundir import RunDir
+        from ..space import load_space
+        from ..train import distributed, train_supernet
+
+        space = load_space(args.config, parse_sets(args.set))
+        with distributed() as dist:
+            result = train_supernet(RunDir(args.run_dir), space, dist=dist, resume=args.resume,
+                                    restart=args.restart)
+            if dist.is_main:
+                print(f"supernet weights: {result.weights}\nmetrics: {result.metrics}\n"
+                      f"next: exitnas search {args.run_dir}   (or exitnas retrain {args.run_dir} "
+                      "--arch ID --regime mixed)")
+
+
+@command("retrain", help="retrain an arch as a standalone model with a training regime")
+class Retrain:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("run_dir", help="run directory made by train-supernet (or holding "
+                                       "config.yaml)")
+        p.add_argument("--arch", required=True, help="arch id, JSON, or JSON file")
+        p.add_argument("--regime", choices=("joint", "disjoint", "mixed"),
+                       help="training regime (default: retrain.regime of the run's config)")
+        p.add_argument("--loss", help="exit loss from the registry (default: retrain.loss)")
+        p.add_argument("--epochs", type=int, help="total epochs, split across phases")
+        add_set_argument(p)
+        _resume_flags(p)
+
+    @staticmethod
+    def run(args):
+        from ..arch import Arch
+        from ..retrain import retrain
+        from ..rundir import RunDir
+        from ..train import distributed
+
+        overrides = parse_sets(args.set)
+        if args.loss is not None:
+            overrides["retrain.loss"] = args.loss
+        if args.epochs is not None:
+            if args.epochs < 1:
+                raise ConfigError(f"{args.epochs} is not >= 1", file="--epochs")
+            overrides["retrain.epochs"] = args.epochs
+        run_dir = RunDir(args.run_dir)
+        space = run_dir.space(overrides)
+        arch = Arch.parse(args.arch)
+        with distributed() as dist:
+            result = retrain(run_dir, arch, space=space, regime=args.regime, dist=dist,
+                             resume=args.resume, restart=args.restart)
+            if dist.is_main:
+                acc = " ".join(f"{a:.3f}" for a in (result.history[-1][k] for k in
+                               result.history[-1] if k.startswith("val_acc")))
+                print(f"retrained {arch.id} ({result.regime}): val acc per exit {acc}\n"
+                      f"outputs: {result.out}/{{model.safetensors,arch.json,metrics.csv}}\n"
+                      f"next: exitnas export {args.run_dir} --arch {arch.id}")
