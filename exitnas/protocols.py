@@ -34,11 +34,11 @@ def _row(stats: ArchStats, s: Score, prefix: str = "") -> dict:
 
 
 def policy_score(stats: ArchStats, policy: str, params: Sequence[float]) -> pd.DataFrame:
-    """One row: accuracy, expected and relative MACs, and the share leaving at each exit."""
+    """One row: accuracy, expected and relative MACs, and ``exit_fractions`` (the share
+    leaving at each exit, final last)."""
     s = stats.score(policy, params)
-    row = {"policy": policy, "params": ",".join(f"{p:g}" for p in params), **_row(stats, s)}
-    row.update({f"frac_{name}": f for name, f in zip(stats.names, s.exit_fractions)})
-    return pd.DataFrame([row])
+    return pd.DataFrame([{"policy": policy, "params": ",".join(f"{p:g}" for p in params),
+                          **_row(stats, s), "exit_fractions": s.exit_fractions}])
 
 
 # ---- anytime ---------------------------------------------------------------------------------
@@ -205,11 +205,9 @@ def oracle_index(stats: ArchStats) -> np.ndarray:
 
 def oracle(stats: ArchStats) -> pd.DataFrame:
     """Upper bound: a sample leaves at the first exit that is right (one never right pays the
-    final exit and counts as wrong). One row with the share leaving at each exit."""
+    final exit and counts as wrong). One row, with ``exit_fractions`` (final last)."""
     s = stats.score_index(oracle_index(stats))
-    row = _row(stats, s)
-    row.update({f"frac_{name}": f for name, f in zip(stats.names, s.exit_fractions)})
-    return pd.DataFrame([row])
+    return pd.DataFrame([{**_row(stats, s), "exit_fractions": s.exit_fractions}])
 
 
 __all__ = ["BUDGETS", "SWEEP_THRESHOLDS", "BUDGETED_BATCH_P", "anytime", "threshold_sweep",

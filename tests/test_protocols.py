@@ -103,7 +103,7 @@ def test_anytime_and_oracle_by_hand():
     o = oracle(VAL).iloc[0]
     assert o["accuracy"] == 1.0
     assert o["expected_macs"] == 130 / 7
-    assert (o["frac_exit0"], o["frac_exit1"], o["frac_final"]) == (4 / 7, 3 / 7, 0.0)
+    assert o["exit_fractions"] == (4 / 7, 3 / 7, 0.0)
     # a sample wrong everywhere pays the final exit and counts as wrong
     o = oracle(stats(TEST.conf, TEST.pred, [0, 0, 0, 2])).iloc[0]  # first right: 0, 1, 0, none
     assert o["accuracy"] == 3 / 4 and o["expected_macs"] == (10 + 30 + 10 + 100) / 4
@@ -156,4 +156,4 @@ def test_auc_table_and_policy_score():
     assert ((df["auc"] >= 0) & (df["auc"] <= 1)).all()
     row = policy_score(VAL, "max_softmax", (0.7, 0.7)).iloc[0]
     assert row["accuracy"] == 5 / 7 and row["relative_macs"] == 240 / 700
-    assert row["params"] == "0.7,0.7" and row["frac_final"] == 1 / 7
+    assert row["params"] == "0.7,0.7" and row["exit_fractions"] == (2 / 7, 4 / 7, 1 / 7)
