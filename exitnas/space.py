@@ -21,7 +21,7 @@ from typing import Literal
 
 import yaml
 
-from . import blocks, heads, policy
+from . import blocks, heads, losses, policy
 from ._config import field, from_dict, to_dict, with_overrides
 from .errors import ConfigError
 
@@ -161,7 +161,8 @@ class RetrainConfig:
     regime: Literal["joint", "disjoint", "mixed"] = field("mixed", doc="training regime (Kubaty et al.)")
     epochs: int = field(10, ge=1, doc="total, split across phases")
     phase1_fraction: float = field(0.5, gt=0.0, lt=1.0, doc="share of epochs in phase 1")
-    loss: str = field("mean_ce", doc="exit-loss registry name")
+    loss: str = field("mean_ce", choices=losses.LOSSES,
+                      doc="exit loss (registry): mean_ce, sdn, pabee, distill, boost")
     loss_temperature: float = field(3.0, gt=0.0, doc="distillation temperature")
     loss_weight: float = field(0.5, ge=0.0, le=1.0, doc="distillation weight")
     optim: OptimConfig = field(OptimConfig(), doc="optimizer settings")
