@@ -1,0 +1,120 @@
+"""``exitnas export RUN --arch ID`` and ``exitnas predict DIR INPUTS...``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import command
+from ..errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@command("export", help="write an arch's weights, arch.json and .pt2 / ONNX graphs (atomic)")
+class Export:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("run_dir", help="run directory (holds config.yaml)")
+        p.add_argument("--arch", required=True, help="arch id, JSON, or JSON file")
+        p.add_argument("--out", help="output folder (default RUN/export/<arch id>)")
+        p.add_argument("--weights", help="safetensors of the model (or of a supernet) to export "
+                                         "instead of the run's retrained / supernet weights")
+        p.add_argument("--no-onnx", action="store_true", help="write .pt2 programs only")
+
+    @staticmethod
+    def run(args):
+        from ..arch import Arch
+        from ..export import export_run
+
+        result = export_run(args.run_dir, Arch.parse(args.arch), args.out, weights=args.weights,
+                            onnx=not args.no_onnx)
+        src = result.source
+        what = {"retrain": f"retrained model ({src.get('regime')})", "supernet": "trained supernet",
+                "weights": "--weights"}[src["kind"]]
+        if src["weights"] == "supernet":
+            what += ", arch extracted after BN recalibration"
+        print(f"exported {result.arch.id} to {result.out}")
+        print(f"weights: {what}: {src['path']}")
+        print("onnx: " + ("written" if result.onnx_skipped is None
+                          else f"skipped ({result.onnx_skipped})"))
+        print(f"files: {', '.join(result.files)}")
+
+
+def _collect(inputs: list[str]) -> list[tuple[Path, str | None]]:
+    """(image file, label from its folder or None) for files and ImageFolder trees."""
+    out: list[tuple[Path, str | None]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            out.append((path, None))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DataError(f"{path}: no image files found")
+            out += [(f, f.parent.name if f.parent != path else None) for f in files]
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return out
+
+
+@command("predict", help="classify images with an export, with per-sample early exit")
+class Predict:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("export_dir", help="folder written by `exitnas export`")
+        p.add_argument("inputs", nargs="+", help="image files or ImageFolder trees (root/<class>/*)")
+        p.add_argument("--backend", choices=("pt2", "onnx"), default="pt2")
+        p.add_argument("--format", choices=("table", "json"), default="table")
+        p.add_argument("--batch-size", type=int, default=256)
+
+    @staticmethod
+    def run(args):
+        import numpy as np
+
+        from ..runtime import ExportError, load, read_image
+
+        predictor = load(args.export_dir, backend=args.backend)
+        items = _collect(args.inputs)
+        c, size = predictor.input_shape[0], predictor.input_shape[1]
+        rows = []
+        for start in range(0, len(items), max(1, args.batch_size)):
+            chunk = items[start:start + args.batch_size]
+            try:
+                images = np.stack([read_image(p, c, size) for p, _ in chunk])
+            except ExportError as err:
+                raise DataError(str(err)) from None
+            res = predictor.predict(predictor.preprocess(images))
+            for (path, label), pred, ex, macs in zip(chunk, res.pred, res.exit, res.macs):
+                rows.append({"file": str(path), "label": label,
+                             "pred": predictor.classes[int(pred)], "exit": int(ex),
+                             "exit_name": predictor.exit_names[int(ex)], "macs": int(macs)})
+        _print(rows, predictor, args.format)
+
+
+def _summary(rows: list[dict], predictor) -> dict:
+    n = len(rows)
+    mean = sum(r["macs"] for r in rows) / n
+    counts = [sum(r["exit"] == k for r in rows) for k in range(predictor.num_exits)]
+    labelled = [r for r in rows if r["label"] is not None]
+    out = {"images": n, "mean_macs": mean, "relative_macs": mean / predictor.backbone_macs,
+           "exit_counts": dict(zip(predictor.exit_names, counts))}
+    if labelled:
+        out["accuracy"] = sum(r["label"] == r["pred"] for r in labelled) / len(labelled)
+    return out
+
+
+def _print(rows: list[dict], predictor, fmt: str) -> None:
+    summary = _summary(rows, predictor)
+    if fmt == "json":
+        print(json.dumps({"predictions": rows, "summary": summary}, indent=2))
+        return
+    width = max(len("file"), *(len(r["file"]) for r in rows))
+    print(f"{'file':<{width}}  {'pred':<12}{'exit':<16}{'MACs':>14}")
+    for r in rows:
+        print(f"{r['file']:<{width}}  {r['pred']:<12}{r['exit_name']:<16}{r['macs']:>14,}")
+    line = (f"{summary['images']} images, mean {summary['mean_macs']:,.0f} MACs "
+            f"({summary['relative_macs']:.3f} of the backbone); exits: "
+            + ", ".join(f"{k} {v}" for k, v in summary["exit_counts"].items()))
+    if "accuracy" in summary:
+        line += f"; accuracy {summary['accuracy']:.3f} (labels from folder names)"
+    print(line)

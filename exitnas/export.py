@@ -1,0 +1,351 @@
+"""Export an arch as deployable artifacts that load without exitnas's training code.
+
+    exitnas export RUN --arch ID --out DIR          # CLI
+    result = export_run(RunDir(RUN), arch, out=DIR)  # -> ExportResult
+
+DIR holds:
+
+    arch.json            manifest: space, arch, policy + thresholds, C_k and backbone MACs,
+                         input shape + normalisation, classes, versions, weight source, graphs,
+                         every file with its sha256 (and the weights' tensor shapes)
+    weights.safetensors  the MultiExitModel state dict (segments.k.*, heads.k.*)
+    weights.pt           the same state dict, torch.save (loads with torch.load(weights_only=True))
+    segment_k.pt2        backbone from exit k-1 (or the input) to exit k: images -> features
+    head_k.pt2           features -> logits of exit k (the last k is the final exit)
+    model.pt2            images -> every exit's logits (a list, final last)
+    *.onnx               the same graphs (dynamo exporter) when onnx + onnxscript import
+
+Every graph has a dynamic batch dimension (1 and up). The weights come from ``--weights``, else
+the retrained model (RUN/retrain/<arch id>/<regime>/), else the trained supernet with the arch's
+BatchNorm statistics recalibrated exactly as the evaluation cache does. The directory is built
+next to DIR and swapped in with one rename, so a kill -9 leaves the old or the new export whole.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import Arch
+from .errors import CheckpointError, RunDirError
+from .model import MultiExitModel
+from .runtime import FORMAT, FORMAT_VERSION, sha256_file
+from .rundir import RunDir
+from .space import Space
+
+EXAMPLE_BATCH = 2  # traced batch; the exported batch dimension is dynamic (>= 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportResult:
+    out: Path
+    arch: Arch
+    source: dict            # where the weights came from (also in arch.json)
+    files: tuple[str, ...]  # relative to out, arch.json last
+    onnx_skipped: str | None  # why no ONNX was written (None: written)
+
+
+# ---- where the weights come from ----------------------------------------------------------
+def _calibrated_extract(net, space: Space, arch: Arch, splits) -> MultiExitModel:
+    """Recalibrate BN for ``arch.depths`` on the same deterministic train batches that
+    ``evaluate.load_or_build_cache`` uses, so the export matches the cached scores."""
+    from .data import batches
+
+    calib = batches(splits.train, batch_size=space.data.batch_size, mean=splits.mean,
+                    std=splits.std, shuffle=True, seed=space.supernet.seed)
+    net.recalibrate_bn(arch.depths, (b for _, b in zip(range(space.supernet.bn_calib_batches), calib)))
+    return net.extract(arch).eval()
+
+
+def _supernet_source(path: Path, space: Space, arch: Arch, splits, kind: str) -> tuple[MultiExitModel, dict]:
+    from .supernet import Supernet
+
+    net = Supernet(space).load(path)
+    model = _calibrated_extract(net, space, arch, splits)
+    return model, {"kind": kind, "path": str(path), "weights": "supernet",
+                   "bn_recalibrated": {"batches": space.supernet.bn_calib_batches,
+                                       "batch_size": space.data.batch_size,
+                                       "seed": space.supernet.seed}}
+
+
+def _model_from_state(path: Path, state: dict, space: Space, arch: Arch) -> MultiExitModel:
+    from .supernet import build_model
+
+    model = build_model(space, arch, seed=0)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit arch {arch.id} "
+                              f"({str(err).splitlines()[0]})") from None
+    return model.eval()
+
+
+def resolve_weights(run: RunDir, space: Space, arch: Arch, splits,
+                    weights: str | os.PathLike | None = None) -> tuple[MultiExitModel, dict]:
+    """The model to export and a description of its source (see the module docstring)."""
+    from .io import load_weights
+
+    if weights is not None:
+        path = Path(weights)
+        state = load_weights(path)  # refuses pickles
+        if any(k.startswith("segments.") for k in state):
+            return _model_from_state(path, state, space, arch), {
+                "kind": "weights", "path": str(path), "weights": "model"}
+        return _supernet_source(path, space, arch, splits, "weights")
+    retrain = run.path / "retrain" / arch.id
+    others = sorted(p.name for p in retrain.glob("*") if p.name != space.retrain.regime)
+    for regime in [space.retrain.regime, *others]:
+        path = retrain / regime / "model.safetensors"
+        if path.is_file():
+            return _model_from_state(path, load_weights(path), space, arch), {
+                "kind": "retrain", "path": str(path), "regime": regime, "weights": "model"}
+    path = run.path / "supernet" / "weights.safetensors"
+    if path.is_file():
+        return _supernet_source(path, space, arch, splits, "supernet")
+    raise RunDirError(f"{run.path}: no weights for {arch.id} (no retrain/{arch.id}/<regime>/"
+                      "model.safetensors, no supernet/weights.safetensors); train first or "
+                      "pass --weights")
+
+
+# ---- graphs -------------------------------------------------------------------------------
+def _graphs(model: MultiExitModel, shape: tuple[int, ...]) -> list[tuple[str, nn.Module, torch.Tensor, str]]:
+    """(name, module, example input, weights prefix) of every graph to export."""
+    x = torch.randn(EXAMPLE_BATCH, *shape, generator=torch.Generator().manual_seed(0))
+    out = [("model", model, x, "")]
+    with torch.no_grad():
+        for k, (segment, head) in enumerate(zip(model.segments, model.heads)):
+            out.append((f"segment_{k}", segment, x, f"segments.{k}."))
+            x = segment(x)
+            out.append((f"head_{k}", head, x, f"heads.{k}."))
+    return out
+
+
+def _shape(t) -> list:
+    return [None, *t.shape[1:]]
+
+
+def _onnx_missing() -> str | None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        return f"{err.name} is not installed (pip install 'exitnas[onnx]')"
+    return None
+
+
+def _to_onnx(ep, x: torch.Tensor, path: Path, n_out: int) -> None:
+    names = ["logits"] if n_out == 1 else [f"logits_{k}" for k in range(n_out)]
+    # the dynamo exporter prints progress lines; keep the CLI's output ours
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(ep, (x,), str(path), dynamo=True, external_data=False,
+                          input_names=["x"], output_names=names)
+
+
+def _onnx_check(path: Path, x: torch.Tensor, ref) -> float:
+    """Max abs difference between ONNX Runtime and torch on the example input (nan when
+    onnxruntime is absent); raises when it is not float32 round-off."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return float("nan")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    refs = ref if isinstance(ref, (list, tuple)) else [ref]
+    diff = max(float((torch.from_numpy(g) - r).abs().max()) for g, r in zip(got, refs))
+    if not diff <= 1e-3 * (1 + max(float(r.abs().max()) for r in refs)):
+        raise RuntimeError(f"{path.name}: ONNX Runtime differs from torch by {diff:g}")
+    return diff
+
+
+# ---- the manifest -------------------------------------------------------------------------
+def _manifest(*, space: Space, arch: Arch, splits, source: dict, graphs: dict,
+              onnx_skipped: str | None) -> dict:
+    from . import __version__
+    from .cost import cost_table
+
+    table = cost_table(space)
+    costs = table.exit_costs(arch)
+    backbone = table.backbone()
+    names = [e.key for e in arch.exits] + ["final"]
+    heads = [e.head for e in arch.exits] + [space.backbone.final_head]
+    positions = [[e.stage, e.block] for e in arch.exits] + [None]
+    versions = {"exitnas": __version__, "torch": torch.__version__}
+    if onnx_skipped is None:
+        import onnx
+
+        versions["onnx"] = onnx.__version__
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "space": {"name": space.name, "version": space.version, "fingerprint": space.fingerprint},
+        "arch": arch.to_json(),
+        "policy": {"name": arch.policy, "thresholds": list(arch.thresholds)},
+        "exits": [{"index": k, "name": n, "position": p, "head": h, "macs": c,
+                   "relative_macs": c / backbone}
+                  for k, (n, p, h, c) in enumerate(zip(names, positions, heads, costs))],
+        "macs": {"backbone": backbone, "arch_backbone": table.backbone(arch.depths),
+                 "counted": "fvcore MACs at batch 1 (one multiply-add = 1), per segment; C_k = "
+                            "backbone up to exit k + every head evaluated on the way"},
+        "input": {"shape": [space.input.channels, space.input.size, space.input.size],
+                  "dtype": "float32", "layout": "NCHW", "mean": list(splits.mean),
+                  "std": list(splits.std), "preprocess": "x / 255, then (x - mean) / std"},
+        "classes": list(splits.classes),
+        "source": source,
+        "versions": versions,
+        "graphs": graphs,
+        "onnx_skipped": onnx_skipped,
+    }
+
+
+def _file_entry(root: Path, name: str) -> dict:
+    entry = {"path": name, "sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
+    if name.endswith(".safetensors"):
+        from .runtime import read_safetensors_header
+
+        entry["tensors"] = {k: list(v[1]) for k, v in read_safetensors_header(root / name).items()}
+    return entry
+
+
+def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, source: dict,
+                 out: str | os.PathLike, onnx: bool = True) -> ExportResult:
+    """Write the export of ``model`` (eval mode) to ``out`` atomically."""
+    from .io import save_weights
+
+    out = Path(out)
+    _check_replaceable(out)
+    _clean_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        model = model.eval()
+        state = model.state_dict()
+        save_weights(tmp / "weights.safetensors", state, {"arch": arch.id, "space": space.name})
+        os.chmod(tmp / "weights.safetensors", 0o666 & ~_umask())  # mkstemp made it 0600
+        torch.save({k: v.detach().contiguous() for k, v in state.items()}, tmp / "weights.pt")
+        onnx_skipped = None if onnx else "--no-onnx"
+        onnx_skipped = onnx_skipped or _onnx_missing()
+        shape = (space.input.channels, space.input.size, space.input.size)
+        batch = torch.export.Dim("batch", min=1)
+        graphs: dict[str, dict] = {}
+        for name, module, x, prefix in _graphs(model, shape):
+            ep = torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
+            torch.export.save(ep, tmp / f"{name}.pt2")
+            with torch.no_grad():
+                ref = module(x)
+            outs = ref if isinstance(ref, (list, tuple)) else [ref]
+            entry = {"pt2": f"{name}.pt2", "weights_prefix": prefix, "input": _shape(x),
+                     "output": [_shape(o) for o in outs] if name == "model" else _shape(outs[0])}
+            if onnx_skipped is None:
+                _to_onnx(ep, x, tmp / f"{name}.onnx", len(outs))
+                entry["onnx"] = f"{name}.onnx"
+                entry["onnx_max_abs_diff"] = _onnx_check(tmp / f"{name}.onnx", x, ref)
+            graphs[name] = entry
+        manifest = _manifest(space=space, arch=arch, splits=splits, source=source, graphs=graphs,
+                             onnx_skipped=onnx_skipped)
+        names = sorted(p.name for p in tmp.iterdir())
+        manifest["files"] = [_file_entry(tmp, n) for n in names]
+        (tmp / "arch.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(out=out, arch=arch, source=source, files=(*names, "arch.json"),
+                        onnx_skipped=onnx_skipped)
+
+
+def export_run(run: RunDir | str | os.PathLike, arch: Arch, out: str | os.PathLike | None = None,
+               *, weights: str | os.PathLike | None = None, onnx: bool = True) -> ExportResult:
+    """Export ``arch`` of run directory ``run`` (default out: RUN/export/<arch id>/)."""
+    from .data import load_splits
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    space = run.space()
+    arch.validate(space)
+    out = Path(out) if out is not None else run.path / "export" / arch.id
+    _check_replaceable(out)
+    splits = load_splits(space)
+    model, source = resolve_weights(run, space, arch, splits, weights)
+    return write_export(model, space=space, arch=arch, splits=splits, source=source, out=out,
+                        onnx=onnx)
+
+
+# ---- atomic replacement -------------------------------------------------------------------
+def _check_replaceable(out: Path) -> None:
+    """Only an absent path, an empty folder or an earlier export may be replaced: ``--out ~``
+    must never delete a home directory."""
+    from .errors import ExitnasError
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExitnasError(f"--out {out}: exists and is not a directory")
+    if any(out.iterdir()):
+        try:
+            fmt = json.loads((out / "arch.json").read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if fmt != FORMAT:
+            raise ExitnasError(f"--out {out}: exists and is not an exitnas export (no valid "
+                               "arch.json); refusing to replace it")
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove what an earlier killed export left next to ``out``."""
+    if out.parent.is_dir():
+        for p in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in [*root.iterdir(), root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    call is unavailable."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp)  # tmp now holds the old export
+    else:  # two renames: a kill between them leaves no out, the old export in .old-*
+        old = out.parent / f".{out.name}.tmp-old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

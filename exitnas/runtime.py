@@ -1,0 +1,363 @@
+"""Run an exitnas export with per-sample early exit, without exitnas's training code.
+
+    from exitnas.runtime import load
+    p = load("runs/r/export/ID")                  # or backend="onnx" (ONNX Runtime)
+    pred, exit, macs = p.predict(p.preprocess(images_uint8_nchw))
+
+A batch runs segment by segment; after each exit's head, the samples the policy lets go are
+dropped from the rest of the computation. ``macs`` is C_k of the exit each sample took (fvcore
+MACs from arch.json). Needs numpy, plus torch + safetensors for ``.pt2`` or onnxruntime for
+``.onnx`` (the ONNX path imports no torch). This file imports nothing else from exitnas and
+can be copied into a deployment on its own.
+
+``load`` verifies the export first: arch.json's format, every listed file present with its
+sha256, the weights a safetensors file (a pickle is refused) whose tensor shapes match
+arch.json, and ``.pt2`` archives free of pickled objects. Each failure is one ``ExportError``
+line naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+try:  # inside exitnas: the CLI prints it as one line, exit 2
+    from .errors import CheckpointError as _Base
+except ImportError:  # copied alone into a deployment
+    _Base = Exception
+
+FORMAT = "exitnas-export"
+FORMAT_VERSION = 1
+BACKENDS = ("pt2", "onnx")
+
+
+class ExportError(_Base):
+    """A missing, altered or foreign export."""
+
+
+class Result(NamedTuple):
+    pred: np.ndarray  # [N] class index
+    exit: np.ndarray  # [N] exit taken (the last index is the final exit)
+    macs: np.ndarray  # [N] C_k of the exit taken, MACs
+
+
+# ---- verification -------------------------------------------------------------------------
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_safetensors_header(path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} from a safetensors header; refuses pickles and zips."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise ExportError(f"{path}: is a pickle / torch.save archive, not safetensors; "
+                              "refusing to load it")
+        try:
+            (n,) = struct.unpack("<Q", head)
+            if n > path.stat().st_size:
+                raise ValueError("header longer than the file")
+            meta = json.loads(fh.read(n))
+            return {k: (v["dtype"], tuple(v["shape"])) for k, v in meta.items()
+                    if k != "__metadata__"}
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ExportError(f"{path}: not a valid safetensors file ({err})") from None
+
+
+def read_manifest(root) -> dict:
+    path = Path(root) / "arch.json"
+    if not path.is_file():
+        raise ExportError(f"{root}: not an exitnas export (no arch.json)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{path}: does not parse ({err})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ExportError(f"{path}: not an exitnas export manifest (format is not {FORMAT!r})")
+    if m.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {m.get('format_version')} is newer than this "
+                          f"runtime's {FORMAT_VERSION}; upgrade exitnas")
+    return m
+
+
+def verify(root, manifest: dict) -> None:
+    """Check every file arch.json lists (see the module docstring); raises ExportError."""
+    root = Path(root)
+    files = manifest.get("files") or []
+    for f in files:
+        if not (root / f["path"]).is_file():
+            raise ExportError(f"{root / f['path']}: missing (listed in arch.json)")
+    for f in files:
+        if "tensors" in f:
+            header = read_safetensors_header(root / f["path"])
+            want = {k: tuple(v) for k, v in f["tensors"].items()}
+            for name in sorted(set(want) | set(header)):
+                got = header[name][1] if name in header else None
+                if got != want.get(name):
+                    raise ExportError(f"{root / f['path']}: tensor {name!r} has shape "
+                                      f"{_fmt_shape(got)} but arch.json says "
+                                      f"{_fmt_shape(want.get(name))}")
+    for f in files:
+        if sha256_file(root / f["path"]) != f["sha256"]:
+            raise ExportError(f"{root / f['path']}: sha256 does not match arch.json (file altered "
+                              "or truncated)")
+
+
+def _fmt_shape(shape) -> str:
+    return "absent" if shape is None else str(list(shape))
+
+
+def _check_pt2(path: Path) -> None:
+    """torch.export.load unpickles (weights_only=False) tensor subclasses, custom objects and,
+    as a fallback, sample inputs: refuse archives that hold any of these."""
+    import io
+    import zipfile
+
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith(("custom_obj_", "opaque_obj_")):
+                    raise ExportError(f"{path}: holds a pickled object ({base}); refusing to load it")
+                if name.endswith("_config.json") and b'"use_pickle": true' in z.read(name):
+                    raise ExportError(f"{path}: holds pickled tensors; refusing to load it")
+                if "/sample_inputs/" in name:
+                    try:
+                        torch.load(io.BytesIO(z.read(name)), weights_only=True)
+                    except Exception:
+                        raise ExportError(f"{path}: sample inputs are not plain tensors; "
+                                          "refusing to load it") from None
+    except zipfile.BadZipFile:
+        raise ExportError(f"{path}: not a .pt2 archive") from None
+
+
+# ---- backends -----------------------------------------------------------------------------
+class _Torch:
+    """``.pt2`` programs with the weights from weights.safetensors."""
+
+    def __init__(self, root: Path, manifest: dict, threads: int | None) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.root = root
+        self.state = load_file(str(root / "weights.safetensors"))
+
+    def graph(self, entry: dict):
+        torch = self.torch
+        path = self.root / entry["pt2"]
+        _check_pt2(path)
+        try:
+            module = torch.export.load(str(path)).module()
+        except Exception as err:
+            raise ExportError(f"{path}: does not load ({str(err).splitlines()[0][:160]})") from None
+        prefix = entry["weights_prefix"]
+        sub = {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(sub, strict=True)
+        except RuntimeError as err:
+            raise ExportError(f"{path}: does not fit weights.safetensors "
+                              f"({str(err).splitlines()[0][:160]})") from None
+
+        def run(x):
+            with torch.inference_mode():
+                return module(x)
+        return run
+
+    def as_input(self, x):
+        return self.torch.as_tensor(x, dtype=self.torch.float32)
+
+    def take(self, x, keep: np.ndarray):
+        return x[self.torch.from_numpy(keep)]
+
+    def stats(self, logits):
+        """(conf, entropy, pred) exactly as exitnas.policy.ExitStats.from_logits."""
+        logp = self.torch.log_softmax(logits.float(), dim=1)
+        conf, pred = logp.exp().max(dim=1)
+        entropy = -(logp.exp() * logp).sum(dim=1)
+        return conf.numpy(), entropy.numpy(), pred.numpy()
+
+    def to_numpy(self, t):
+        return t.numpy()
+
+
+class _Onnx:
+    """ONNX Runtime sessions (weights inside the .onnx files); no torch."""
+
+    def __init__(self, root: Path, manifest: dict, threads: int | None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ExportError("backend onnx needs onnxruntime (pip install onnxruntime)") from None
+        if manifest.get("onnx_skipped"):
+            raise ExportError(f"{root}: exported without ONNX ({manifest['onnx_skipped']}); "
+                              "use backend pt2 or export again with onnx installed")
+        self.ort, self.root, self.threads = ort, root, threads
+
+    def graph(self, entry: dict):
+        opts = self.ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        path = self.root / entry["onnx"]
+        try:
+            sess = self.ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise ExportError(f"{path}: does not load ({str(err).splitlines()[0][:160]})") from None
+        name = sess.get_inputs()[0].name
+        single = len(sess.get_outputs()) == 1 and entry.get("weights_prefix") != ""
+        return lambda x: sess.run(None, {name: x})[0] if single else sess.run(None, {name: x})
+
+    def as_input(self, x):
+        return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+    def take(self, x, keep: np.ndarray):
+        return x[keep]
+
+    def stats(self, logits):
+        z = logits.astype(np.float32, copy=False)
+        shifted = z - z.max(axis=1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        prob = np.exp(logp)
+        return prob.max(axis=1), -(prob * logp).sum(axis=1), prob.argmax(axis=1)
+
+    def to_numpy(self, t):
+        return t
+
+
+def _rule(policy: str, params: list[float]):
+    """leave(k, conf, entropy, run) -> bool mask, the same rules as exitnas.policy (thresholds
+    compared in float32; ``run`` counts consecutive exits that agree on the class)."""
+    t = np.asarray(params, dtype=np.float32)
+    if policy == "max_softmax":
+        return lambda k, conf, ent, run: conf >= t[k]
+    if policy == "entropy":
+        return lambda k, conf, ent, run: ent <= t[k]
+    if policy == "patience":
+        p = int(params[0])
+        return lambda k, conf, ent, run: run >= p
+    raise ExportError(f"arch.json: unknown exit policy {policy!r}")
+
+
+# ---- the predictor ------------------------------------------------------------------------
+class Predictor:
+    """Segments, heads and the early-exit rule of one export (see :func:`load`)."""
+
+    def __init__(self, root: Path, manifest: dict, backend) -> None:
+        self.root, self.manifest, self._b = root, manifest, backend
+        graphs = manifest["graphs"]
+        self.num_exits = len(manifest["exits"])
+        self._segments = [backend.graph(graphs[f"segment_{k}"]) for k in range(self.num_exits)]
+        self._heads = [backend.graph(graphs[f"head_{k}"]) for k in range(self.num_exits)]
+        self._whole = None
+        self.exit_macs = np.array([e["macs"] for e in manifest["exits"]], dtype=np.int64)
+        self.exit_names = [e["name"] for e in manifest["exits"]]
+        self.classes = list(manifest["classes"])
+        self.backbone_macs = int(manifest["macs"]["backbone"])
+        inp = manifest["input"]
+        self.input_shape = tuple(inp["shape"])
+        self._mean = np.asarray(inp["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        self._std = np.asarray(inp["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        self.set_policy(manifest["policy"]["name"], manifest["policy"]["thresholds"])
+
+    def set_policy(self, policy: str, thresholds) -> None:
+        """Change the exit rule (the accuracy / MACs trade-off) without re-exporting: one
+        threshold per early exit (max_softmax, entropy) or one patience value."""
+        want = 1 if policy == "patience" else self.num_exits - 1
+        if len(thresholds) != want:
+            raise ExportError(f"policy {policy} needs {want} value(s), got {len(thresholds)}")
+        self._leave = _rule(policy, list(thresholds))
+        self.policy, self.thresholds = policy, tuple(float(t) for t in thresholds)
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, C, H, W] -> float32, scaled to [0, 1] and normalised with arch.json's
+        mean/std (what training saw)."""
+        x = np.asarray(images)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ExportError(f"images are {list(x.shape)}, expected [N, {', '.join(map(str, self.input_shape))}]")
+        return (x.astype(np.float32) / 255 - self._mean) / self._std
+
+    def segment(self, k: int, x):
+        """Backbone segment k (from exit k-1 to exit k) on backend-native input."""
+        return self._segments[k](self._b.as_input(x) if k == 0 else x)
+
+    def head(self, k: int, features):
+        return self._heads[k](features)
+
+    def all_exits(self, x) -> list:
+        """Every exit's logits from the whole-model graph (no early exit)."""
+        if self._whole is None:
+            self._whole = self._b.graph(self.manifest["graphs"]["model"])
+        return list(self._whole(self._b.as_input(x)))
+
+    def predict(self, x) -> Result:
+        """Per-sample early exit over a batch of preprocessed inputs [N, C, H, W]."""
+        b = self._b
+        x = b.as_input(x)
+        n, last = int(x.shape[0]), self.num_exits - 1
+        pred = np.zeros(n, dtype=np.int64)
+        exit_idx = np.full(n, last, dtype=np.int64)
+        alive = np.arange(n)
+        prev = run = None
+        for k in range(self.num_exits):
+            if alive.size == 0:
+                break
+            x = self._segments[k](x)
+            conf, ent, p = b.stats(self._heads[k](x))
+            if k == last:
+                pred[alive] = p
+                break
+            run = np.ones(alive.size, np.int64) if prev is None else np.where(p == prev, run + 1, 1)
+            leave = self._leave(k, conf, ent, run)
+            if leave.any():
+                done = alive[leave]
+                pred[done], exit_idx[done] = p[leave], k
+                keep = ~leave
+                alive, p, run = alive[keep], p[keep], run[keep]
+                if alive.size:
+                    x = b.take(x, keep)
+            prev = p
+        return Result(pred, exit_idx, self.exit_macs[exit_idx])
+
+
+def load(root, backend: str = "pt2", *, threads: int | None = None, check: bool = True) -> Predictor:
+    """Load an export directory. ``backend``: ``pt2`` (torch.export programs + safetensors
+    weights) or ``onnx`` (ONNX Runtime). ``threads`` fixes the intra-op threads (stable
+    timings). ``check`` verifies the files against arch.json first (module docstring)."""
+    root = Path(root)
+    if backend not in BACKENDS:
+        raise ExportError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    manifest = read_manifest(root)
+    if check:
+        verify(root, manifest)
+    impl = (_Torch if backend == "pt2" else _Onnx)(root, manifest, threads)
+    return Predictor(root, manifest, impl)
+
+
+def read_image(path, channels: int, size: int) -> np.ndarray:
+    """One image file -> uint8 [C, size, size], converted and resized as exitnas.data does
+    (Pillow, bilinear)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as err:
+        raise ExportError(f"{path}: not a readable image ({err})") from None
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)

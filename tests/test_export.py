@@ -1,0 +1,324 @@
+"""Export: artifacts and manifest, weight sources, refusals, atomicity under kill -9.
+
+The trained run (a tiny supernet trained for a few seconds, thresholds chosen from its
+confidences so every exit is really taken) and its full export (.pt2 + ONNX) are built once
+per session by :func:`trained_export`, which test_runtime.py reuses.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, tree_digest
+
+ARCH_DEPTHS = "d2.2~s0b1=sdn_pool,s1b0=conv"
+OTHER_ARCH = "d1.2~s0b0=mlp,s1b0=linear~max_softmax=0.7,0.8"  # every head type is exported
+_CACHE: dict = {}
+
+
+def _train(net, splits, epochs: int = 3) -> None:
+    from exitnas.data import batches
+
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net.train()
+    for epoch in range(epochs):
+        for x, y in batches(splits.train, batch_size=32, mean=splits.mean, std=splits.std,
+                            shuffle=True, seed=epoch):
+            outs = net.forward_exits(x)
+            loss = sum(torch.nn.functional.cross_entropy(o, y) for o in outs) / len(outs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+
+
+def trained_export(root: Path) -> dict:
+    """Run dir with a briefly trained tiny supernet, the in-repo extracted model (BN recalibrated
+    by evaluate.load_or_build_cache), an arch whose thresholds send samples to every exit, and
+    its export (with ONNX) built in-process. Memoised per process."""
+    if "run" in _CACHE:
+        return _CACHE
+    from exitnas.arch import Arch
+    from exitnas.data import load_splits, normalize
+    from exitnas.evaluate import load_or_build_cache
+    from exitnas.export import export_run
+    from exitnas.policy import ExitStats
+    from exitnas.rundir import RunDir
+    from exitnas.space import load_space
+    from exitnas.supernet import Supernet
+
+    torch.set_num_threads(2)
+    space = load_space(ROOT / "tests" / "data" / "tiny.yaml")
+    run = RunDir(root / "run")
+    run.init(space)
+    splits = load_splits(space)
+    net = Supernet(space)
+    _train(net, splits)
+    net.save(run.sub("supernet") / "weights.safetensors")
+    probe = Arch.parse(f"{ARCH_DEPTHS}~max_softmax=0.5,0.5")
+    cache = load_or_build_cache(run, net, probe.depths, splits)  # recalibrates net's BN
+    x = normalize(torch.cat([splits.test.images, splits.val.images]), splits.mean, splits.std)
+    with torch.no_grad():
+        conf = ExitStats.stack(net.extract(probe).eval().forward_exits(x)).conf
+    # thresholds: ~40 % leave at exit 0, about half of the rest at exit 1
+    t0 = float(np.quantile(conf[0].numpy(), 0.6))
+    rest = conf[1][conf[0] < t0]
+    t1 = float(np.quantile(rest.numpy(), 0.5))
+    arch = Arch.parse(f"{ARCH_DEPTHS}~max_softmax={t0:.4f},{t1:.4f}").validate(space)
+    model = net.extract(arch).eval()
+    t = time.perf_counter()
+    result = export_run(run, arch, root / "export")
+    _CACHE.update(run=run, space=space, splits=splits, net=net, arch=arch, model=model, x=x,
+                  cache=cache, out=result.out, result=result,
+                  export_seconds=time.perf_counter() - t)
+    return _CACHE
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> dict:
+    return trained_export(tmp_path_factory.mktemp("exported"))
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+# ---- artifacts ----------------------------------------------------------------------------
+def test_manifest_describes_the_export(exported):
+    from exitnas import __version__
+    from exitnas.cost import cost_table
+    from exitnas.runtime import read_safetensors_header, sha256_file
+
+    out, arch, space, splits = exported["out"], exported["arch"], exported["space"], exported["splits"]
+    m = json.loads((out / "arch.json").read_text())
+    assert m["space"] == {"name": "tiny", "version": 1, "fingerprint": space.fingerprint}
+    assert m["arch"]["id"] == arch.id
+    assert m["policy"] == {"name": "max_softmax", "thresholds": list(arch.thresholds)}
+    table = cost_table(space)
+    assert [e["macs"] for e in m["exits"]] == table.exit_costs(arch)
+    assert [e["name"] for e in m["exits"]] == ["s0b1=sdn_pool", "s1b0=conv", "final"]
+    assert m["macs"]["backbone"] == table.backbone()
+    assert m["input"]["shape"] == [3, 8, 8]
+    assert m["input"]["mean"] == list(splits.mean) and m["input"]["std"] == list(splits.std)
+    assert m["classes"] == list(splits.classes)
+    assert m["versions"]["exitnas"] == __version__ and m["versions"]["torch"] == torch.__version__
+    assert m["source"]["kind"] == "supernet" and m["source"]["bn_recalibrated"]["batches"] == 2
+    assert m["onnx_skipped"] is None
+    names = sorted(p.name for p in out.iterdir())
+    listed = sorted(f["path"] for f in m["files"])
+    assert names == sorted(listed + ["arch.json"])
+    for k in range(3):
+        assert {f"segment_{k}.pt2", f"head_{k}.pt2", f"segment_{k}.onnx", f"head_{k}.onnx"} <= set(names)
+    assert {"model.pt2", "model.onnx", "weights.safetensors", "weights.pt"} <= set(names)
+    for f in m["files"]:
+        assert f["sha256"] == sha256_file(out / f["path"])
+    weights = next(f for f in m["files"] if f["path"] == "weights.safetensors")
+    state = exported["model"].state_dict()
+    assert weights["tensors"] == {k: list(v.shape) for k, v in state.items()}
+    assert {k: v[1] for k, v in read_safetensors_header(out / "weights.safetensors").items()} == \
+        {k: tuple(v.shape) for k, v in state.items()}
+    for name, g in m["graphs"].items():
+        assert g["onnx_max_abs_diff"] <= 1e-5, name
+
+
+def test_exported_weights_are_the_recalibrated_extract(exported):
+    """Supernet source: the arch extracted after the same BN recalibration the evaluation
+    cache uses (the in-repo model), in safetensors and in a weights_only torch.load file."""
+    from exitnas.io import load_weights
+
+    out, model = exported["out"], exported["model"]
+    ref = model.state_dict()
+    st = load_weights(out / "weights.safetensors")
+    pt = torch.load(out / "weights.pt", weights_only=True)
+    assert sorted(st) == sorted(ref) == sorted(pt)
+    for k, v in ref.items():
+        assert torch.equal(st[k], v) and torch.equal(pt[k], v), k
+
+
+def test_pt2_and_onnx_graphs_take_batch_1_and_256(exported):
+    import onnxruntime as ort
+
+    out, model = exported["out"], exported["model"]
+    whole = torch.export.load(str(out / "model.pt2")).module()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 256):
+        x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            ref = model.forward_exits(x)
+            got = whole(x)
+        got_onnx = sess.run(None, {"x": x.numpy()})
+        assert len(got) == len(got_onnx) == len(ref) == 3
+        for r, g, o in zip(ref, got, got_onnx):
+            assert g.shape == r.shape == (n, 4)
+            assert float((g - r).abs().max()) <= 1e-5
+            assert float(np.abs(o - r.numpy()).max()) <= 1e-5
+
+
+# ---- weight sources -----------------------------------------------------------------------
+def test_weight_source_preference(exported, tmp_path):
+    """--weights, else retrain/<arch id>/<config regime>, else any other regime, else the
+    supernet; a missing everything is one line, exit 2."""
+    from exitnas.export import resolve_weights
+    from exitnas.io import save_weights
+    from exitnas.rundir import RunDir
+    from exitnas.supernet import build_model
+
+    space, splits, arch = exported["space"], exported["splits"], exported["arch"]
+    run = RunDir(tmp_path / "run")
+    run.init(space)
+    shutil.copytree(exported["run"].path / "supernet", run.path / "supernet")
+    model, src = resolve_weights(run, space, arch, splits)
+    assert src["kind"] == "supernet"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                   exported["model"].state_dict().values()))
+    joint = build_model(space, arch, seed=1)
+    save_weights(run.path / "retrain" / arch.id / "joint" / "model.safetensors", joint.state_dict())
+    model, src = resolve_weights(run, space, arch, splits)
+    assert (src["kind"], src["regime"]) == ("retrain", "joint")
+    assert torch.equal(model.heads[0].fc.weight, joint.heads[0].fc.weight)
+    assert space.retrain.regime == "mixed"
+    mixed = build_model(space, arch, seed=2)
+    save_weights(run.path / "retrain" / arch.id / "mixed" / "model.safetensors", mixed.state_dict())
+    model, src = resolve_weights(run, space, arch, splits)
+    assert (src["kind"], src["regime"]) == ("retrain", "mixed")
+    assert torch.equal(model.heads[0].fc.weight, mixed.heads[0].fc.weight)
+    model, src = resolve_weights(run, space, arch, splits, weights=run.path / "supernet" / "weights.safetensors")
+    assert (src["kind"], src["weights"]) == ("weights", "supernet")
+
+    empty = RunDir(tmp_path / "empty")
+    empty.init(space)
+    err = _one_line_error(run_cli("export", empty.path, "--arch", arch.id, "--no-onnx"))
+    assert "no weights for" in err and "--weights" in err
+    assert not (empty.path / "export").exists()
+
+
+def test_export_cli_with_weights_file_and_refusals(exported, tmp_path):
+    from exitnas.arch import Arch
+    from exitnas.io import save_weights
+    from exitnas.supernet import build_model
+
+    space, arch, run = exported["space"], exported["arch"], exported["run"]
+    model = build_model(space, arch, seed=5)
+    wfile = tmp_path / "model.safetensors"
+    save_weights(wfile, model.state_dict())
+    out = tmp_path / "out"
+    proc = run_cli("export", run.path, "--arch", arch.id, "--out", out, "--weights", wfile,
+                   "--no-onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert f"weights: --weights: {wfile}" in proc.stdout
+    assert "onnx: skipped (--no-onnx)" in proc.stdout
+    m = json.loads((out / "arch.json").read_text())
+    assert m["onnx_skipped"] == "--no-onnx" and not list(out.glob("*.onnx"))
+    assert m["source"] == {"kind": "weights", "path": str(wfile), "weights": "model"}
+
+    pickle_file = tmp_path / "model.pt"
+    torch.save(model.state_dict(), pickle_file)
+    before = tree_digest(out)
+    err = _one_line_error(run_cli("export", run.path, "--arch", arch.id, "--out", out,
+                                  "--weights", pickle_file, "--no-onnx"))
+    assert "pickle" in err and str(pickle_file) in err
+    other = build_model(space, Arch.parse(OTHER_ARCH), seed=0)
+    wrong = tmp_path / "wrong.safetensors"
+    save_weights(wrong, other.state_dict())
+    err = _one_line_error(run_cli("export", run.path, "--arch", arch.id, "--out", out,
+                                  "--weights", wrong, "--no-onnx"))
+    assert "do not fit arch" in err
+    assert tree_digest(out) == before
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    err = _one_line_error(run_cli("export", run.path, "--arch", arch.id, "--out", foreign, "--no-onnx"))
+    assert "not an exitnas export" in err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+# ---- atomicity ----------------------------------------------------------------------------
+def _export_proc(run: Path, arch: str, out: Path) -> subprocess.Popen:
+    import os
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, "-m", "exitnas", "export", str(run), "--arch", arch,
+                             "--out", str(out), "--no-onnx"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _assert_complete(out: Path, arch_id: str) -> None:
+    from exitnas.runtime import load
+
+    m = json.loads((out / "arch.json").read_text())
+    assert m["arch"]["id"] == arch_id
+    assert sorted(p.name for p in out.iterdir()) == sorted([f["path"] for f in m["files"]] + ["arch.json"])
+    load(out, check=True)  # every file present with its sha256 and shapes
+
+
+def _kill_and_check(run: Path, out: Path, archs: tuple[str, str], delay: float | None) -> str:
+    """Start an export over ``out`` of whichever of ``archs`` it does not hold, kill -9 it after
+    ``delay`` seconds (None: as soon as its temporary folder appears), and check that ``out`` is
+    the export it held before ("old") or the new one, complete ("new")."""
+    old = tree_digest(out)
+    held = json.loads((out / "arch.json").read_text())["arch"]["id"]
+    target = archs[1] if held == archs[0] else archs[0]
+    proc = _export_proc(run, target, out)
+    deadline = time.monotonic() + 120
+    if delay is None:
+        while not list(out.parent.glob(f".{out.name}.tmp-*")) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    else:
+        time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    if tree_digest(out) == old:
+        return "old"
+    _assert_complete(out, target)
+    return "new"
+
+
+def _atomicity(exported, tmp_path, fractions) -> list[str]:
+    """Export once (the old artifact, timed: d seconds), then kill exports of another arch
+    after ``fraction * d`` seconds (None: once its temporary folder exists), then rerun."""
+    run = exported["run"].path
+    out = tmp_path / "export"
+    t = time.monotonic()
+    first = run_cli("export", run, "--arch", exported["arch"].id, "--out", out, "--no-onnx")
+    d = time.monotonic() - t
+    assert first.returncode == 0, first.stderr
+    archs = (exported["arch"].id, OTHER_ARCH)
+    outcomes = [_kill_and_check(run, out, archs, None if f is None else f * d) for f in fractions]
+    final = _export_proc(run, OTHER_ARCH, out)
+    assert final.wait(timeout=300) == 0, final.stderr.read()
+    _assert_complete(out, OTHER_ARCH)
+    assert not list(tmp_path.glob(".export.tmp-*"))  # the killed runs' leftovers are gone
+    return outcomes
+
+
+def test_export_is_atomic_under_kill(exported, tmp_path):
+    """kill -9 mid-build (deterministic: once the temporary folder exists) and at two random
+    moments late in the export: the out dir is always the old or the new complete export; a
+    rerun completes."""
+    rng = random.Random(7)
+    outcomes = _atomicity(exported, tmp_path, [None, rng.uniform(0.6, 0.9), rng.uniform(0.9, 1.1)])
+    assert outcomes[0] == "old"
+
+
+@pytest.mark.slow
+def test_export_is_atomic_under_many_kills(exported, tmp_path):
+    rng = random.Random(11)
+    outcomes = _atomicity(exported, tmp_path, [rng.uniform(0.1, 1.5) for _ in range(12)])
+    print("kill outcomes", outcomes)
+    assert len(outcomes) == 12
