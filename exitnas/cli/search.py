@@ -1,0 +1,90 @@
+"""``exitnas search RUN_DIR`` and ``exitnas dashboard RUN_DIR``."""
+from __future__ import annotations
+
+import sys
+
+from . import command
+from ..errors import RunDirError
+
+
+@command("search", help="multi-objective NSGA-II search over the trained supernet under a MACs "
+                        "budget (rerun to continue)")
+class Search:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("run_dir", metavar="RUN_DIR")
+        p.add_argument("--trials", type=int, help="complete trials the study should hold "
+                       "(default: search.trials)")
+        p.add_argument("--budget", help="expected-MACs budget: <= 1 is a fraction of the "
+                       "backbone's MACs, else MACs (20M, 1.5G); default: search.budget_*")
+        p.add_argument("--path-budget", help="worst-case path MACs budget, same units")
+        p.add_argument("--backend", choices=("optuna", "ray"), help="default: search.backend")
+        p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+        p.add_argument("--storage", help="SQLAlchemy URL or journal file (default: "
+                       "RUN/search/study.log; also $EXITNAS_STORAGE)")
+        p.add_argument("--study-name", help="default: exitnas-<space>-<run dir name>")
+        p.add_argument("--sampler", choices=("nsga2", "random"))
+        p.add_argument("--seed", type=int)
+        p.add_argument("--workers", type=int, help="concurrent Ray trials (default: search.workers)")
+        p.add_argument("--population", type=int, help="NSGA-II population size")
+
+    @staticmethod
+    def run(args):
+        from ..search import SearchOptions, run_search
+
+        for name in ("trials", "workers", "population"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise RunDirError(f"--{name} {value}: must be >= 1")
+        result = run_search(args.run_dir, SearchOptions(
+            trials=args.trials, budget=args.budget, path_budget=args.path_budget,
+            backend=args.backend, address=args.address, storage=args.storage,
+            study_name=args.study_name, sampler=args.sampler, seed=args.seed,
+            workers=args.workers, population=args.population))
+        s = result.summary
+        rate = f", {s['trials_per_s']:.1f} trials/s" if s.get("trials_per_s") else ""
+        print(f"search: study {result.study_name!r} in {result.storage}: {result.trials} complete "
+              f"trials ({s['committed_by_this_process']} run now{rate}); {len(result.front)} on "
+              f"the feasible front, hypervolume {result.hypervolume:.4f} (reference accuracy 0, "
+              f"relative cost {s['reference_point']['relative_cost']:.3f})")
+        print(f"front: {args.run_dir}/search/front.md")
+
+
+@command("dashboard", help="serve the run's Optuna study in optuna-dashboard (127.0.0.1 unless "
+                           "--host says otherwise)")
+class Dashboard:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("run_dir", metavar="RUN_DIR")
+        p.add_argument("--port", type=int, default=8080)
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address to bind; anything but 127.0.0.1 exposes the study")
+        p.add_argument("--storage", help="the run's storage URL, if it holds a password")
+
+    @staticmethod
+    def run(args):
+        from ..rundir import RunDir
+        from ..search._storage import resolve_study
+
+        run = RunDir(args.run_dir)
+        space = run.space()
+        if not (run.path / "search" / "study.json").is_file():
+            raise RunDirError(f"{run.path / 'search' / 'study.json'}: no search yet; run "
+                              f"`exitnas search {args.run_dir}` first")
+        spec, name = resolve_study(run, storage=args.storage, study_name=None,
+                                   default_name=f"exitnas-{space.name}")
+        try:
+            from optuna_dashboard import run_server
+        except ImportError:
+            raise RunDirError("optuna-dashboard is not installed (pip install "
+                              "'exitnas[dashboard]')") from None
+        storage = spec.open()
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"dashboard: study {name!r} at http://{host}:{args.port}/dashboard/ "
+              f"(storage {spec.display}); Ctrl-C stops it", flush=True)
+        try:
+            run_server(storage, host=args.host, port=args.port)
+        except OSError as err:
+            raise RunDirError(f"--port {args.port}: cannot serve on {args.host} "
+                              f"({err.strerror})") from None
+        return 0

@@ -1,0 +1,169 @@
+"""The feasible Pareto front of a study and its hypervolume, written to ``RUN/search``.
+
+Files: ``trials.csv`` (every complete trial), ``front.csv`` / ``front.md`` (the feasible
+non-dominated trials, cheapest first; one row per distinct architecture), ``front.png`` (all
+trials, the front and the budget) and ``hypervolume.json``.
+
+Hypervolume is taken in the plane (accuracy, relative cost = expected MACs / backbone MACs),
+both normalised to [0, 1]-ish so runs of different spaces compare, with the reference point
+(accuracy 0, relative cost = the expected-MACs budget as a fraction of the backbone): the area
+that the front dominates inside the feasible box.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._budget import Budget
+
+
+@dataclass(frozen=True)
+class FrontSummary:
+    trials: int
+    feasible: int
+    front: list[dict]
+    hypervolume: float
+    reference: dict
+
+
+def trial_rows(study) -> list[dict]:
+    """One dict per COMPLETE trial that carries exitnas' user attributes."""
+    from optuna.trial import TrialState
+
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        ua = t.user_attrs
+        if "arch_id" not in ua or t.values is None:
+            continue  # a trial some other tool added to the study
+        feasible = all(v <= 0 for v in t.constraints.values()) if t.constraints \
+            else bool(ua.get("feasible", True))
+        rows.append({"trial": t.number, "arch_id": ua["arch_id"], "accuracy": t.values[0],
+                     "expected_macs": t.values[1], "relative_cost": ua["relative_cost"],
+                     "path_macs": ua["path_macs"], "feasible": feasible,
+                     "n_exits": len(ua["arch"]["exits"]),
+                     "exit_accuracy": ";".join(f"{a:.3f}" for a in ua["exit_accuracy"])})
+    return rows
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Feasible rows not dominated in (accuracy max, expected MACs min), cheapest first; the
+    earliest trial of each distinct architecture / point."""
+    best, out = -1.0, []
+    for r in sorted((r for r in rows if r["feasible"]),
+                    key=lambda r: (r["expected_macs"], -r["accuracy"], r["trial"])):
+        if r["accuracy"] > best:
+            out.append(r)
+            best = r["accuracy"]
+    return out
+
+
+def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Area dominated by ``points`` (accuracy, cost) — accuracy maximised, cost minimised —
+    inside the box bounded by ``ref`` = (accuracy, cost)."""
+    pts = sorted((c, a) for a, c in points if a > ref[0] and c < ref[1])
+    area, best = 0.0, ref[0]
+    for c, a in pts:
+        if a > best:
+            area += (a - best) * (ref[1] - c)
+            best = a
+    return area
+
+
+def reference_point(budget: Budget, rows: list[dict]) -> dict:
+    if budget.expected_macs is not None:
+        cost = budget.expected_macs / budget.backbone_macs
+    else:  # no budget: the costliest trial seen bounds the box
+        cost = max((r["relative_cost"] for r in rows), default=1.0)
+    return {"accuracy": 0.0, "relative_cost": cost}
+
+
+def summarise(study, budget: Budget) -> FrontSummary:
+    rows = trial_rows(study)
+    front = pareto_front(rows)
+    ref = reference_point(budget, rows)
+    hv = hypervolume_2d([(r["accuracy"], r["relative_cost"]) for r in front],
+                        (ref["accuracy"], ref["relative_cost"]))
+    return FrontSummary(trials=len(rows), feasible=sum(r["feasible"] for r in rows),
+                        front=front, hypervolume=hv, reference=ref)
+
+
+def _markdown(df) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in df.iterrows():
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(folder: Path, study, budget: Budget, *, study_name: str,
+                  storage: str) -> FrontSummary:
+    """Write trials.csv, front.csv, front.md, front.png and hypervolume.json (atomically)."""
+    import pandas as pd
+
+    from ..io import atomic_path, atomic_write_json, atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    s = summarise(study, budget)
+    rows = trial_rows(study)
+    on_front = {r["trial"] for r in s.front}
+    cols = ["trial", "arch_id", "accuracy", "expected_macs", "relative_cost", "path_macs",
+            "feasible", "n_exits", "exit_accuracy"]
+    trials = pd.DataFrame(rows, columns=cols).sort_values("trial")
+    trials["on_front"] = trials["trial"].isin(on_front)
+    front = pd.DataFrame(s.front, columns=cols).drop(columns=["feasible"])
+    for name, df in (("trials.csv", trials), ("front.csv", front)):
+        with atomic_path(folder / name) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.3f")
+    b = budget.to_json()
+    lines = [f"# Pareto front — study `{study_name}`", "",
+             f"Storage: `{storage}`. {s.trials} complete trials, {s.feasible} feasible, "
+             f"{len(s.front)} on the feasible front.",
+             f"Backbone: {b['backbone_macs']:,} MACs (fvcore, batch 1). Budget: "
+             + (f"expected MACs <= {b['expected_macs']:,.0f} ({b['expected_fraction']:.3f} of the "
+                "backbone)" if b["expected_macs"] is not None else "none")
+             + (f"; worst-case path MACs <= {b['path_macs']:,.0f}" if b["path_macs"] else "") + ".",
+             f"Hypervolume in (accuracy, relative cost): {s.hypervolume:.4f}, reference point "
+             f"(accuracy {s.reference['accuracy']}, relative cost "
+             f"{s.reference['relative_cost']:.3f}).", "",
+             _markdown(front[["trial", "accuracy", "expected_macs", "relative_cost", "n_exits",
+                              "arch_id"]])]
+    atomic_write_text(folder / "front.md", "\n".join(lines))
+    atomic_write_json(folder / "hypervolume.json", {
+        "hypervolume": s.hypervolume,
+        "objectives": ["accuracy (maximise)", "relative_cost = expected MACs / backbone MACs "
+                       "(minimise)"],
+        "reference_point": s.reference, "front_size": len(s.front), "trials": s.trials,
+        "feasible_trials": s.feasible, "budget": b, "study": study_name})
+    _plot(folder / "front.png", trials, front, budget)
+    return s
+
+
+def _plot(path: Path, trials, front, budget: Budget) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    feas = trials[trials["feasible"]]
+    infeas = trials[~trials["feasible"]]
+    ax.scatter(infeas["relative_cost"], infeas["accuracy"], s=8, c="#bbbbbb", label="infeasible")
+    ax.scatter(feas["relative_cost"], feas["accuracy"], s=8, c="#7aa6d8", label="feasible")
+    if len(front):
+        ax.step(front["relative_cost"], front["accuracy"], where="post", c="#c0392b",
+                marker="o", ms=4, label="feasible Pareto front")
+    if budget.expected_macs is not None:
+        ax.axvline(budget.expected_macs / budget.backbone_macs, ls="--", c="k", lw=1,
+                   label="budget")
+    ax.set_xlabel("expected MACs / backbone MACs")
+    ax.set_ylabel("validation accuracy")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

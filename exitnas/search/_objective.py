@@ -1,0 +1,131 @@
+"""Scoring a trial: cached exit statistics -> objectives, constraints and user attributes.
+
+Objectives: validation accuracy under the arch's exit policy (maximise) and expected MACs per
+sample (minimise). Constraints (Optuna's ``trial.set_constraint``; feasible when <= 0): expected
+MACs <= budget and, when set, worst-case path MACs <= the path budget. optuna-dashboard 0.21
+ignores ``set_constraint``, so the same facts go into ``user_attrs`` (``feasible``, ``macs``,
+``relative_cost``, ``arch_id``...).
+
+The statistics of a depth setting come from :class:`CacheStore`: one pass of the supernet
+(BatchNorm recalibrated first) through ``exitnas.evaluate.load_or_build_cache``, kept in memory
+for the life of the process on top of the run directory's disk cache, so a depth setting seen
+once is never run through the network again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..arch import Arch
+from ..cost import CostTable
+from ..evaluate import ExitCache, load_or_build_cache, score
+from ._budget import Budget
+
+METRIC_NAMES = ("accuracy", "expected_macs")
+DIRECTIONS = ("maximize", "minimize")
+
+
+class CacheStore:
+    """Exit statistics per depth setting for one supernet; each is obtained (read from
+    ``RUN/cache`` or computed) at most once per process. ``built`` counts network passes."""
+
+    def __init__(self, *, run_dir, net, splits, digest: str | None = None,
+                 split: str = "val") -> None:
+        self.run_dir, self.net, self.splits, self.split = run_dir, net, splits, split
+        self.digest = digest
+        self._memo: dict[tuple[int, ...], ExitCache] = {}
+        self.built = 0    # depth settings passed through the network by this process
+        self.loaded = 0   # depth settings read from RUN/cache
+        self.requests = 0
+
+    def _files(self, depths: tuple[int, ...]) -> dict[str, float]:
+        folder = Path(self.run_dir.path) / "cache"
+        pattern = f"{self.split}-d{'.'.join(map(str, depths))}-*.safetensors"
+        return {p.name: p.stat().st_mtime_ns for p in folder.glob(pattern)} if folder.is_dir() else {}
+
+    def __call__(self, depths: tuple[int, ...]) -> ExitCache:
+        self.requests += 1
+        depths = tuple(depths)
+        cache = self._memo.get(depths)
+        if cache is None:
+            before = self._files(depths)
+            cache = load_or_build_cache(self.run_dir, self.net, depths, self.splits,
+                                        split=self.split, digest=self.digest)
+            if self._files(depths) != before:
+                self.built += 1
+            else:
+                self.loaded += 1
+            self._memo[depths] = cache
+        return cache
+
+    def stats(self) -> dict[str, int]:
+        return {"built": self.built, "loaded": self.loaded, "requests": self.requests,
+                "depth_settings": len(self._memo)}
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """Everything one trial yields."""
+
+    arch: Arch
+    accuracy: float
+    expected_macs: float
+    relative_cost: float
+    path_macs: int
+    exit_accuracy: tuple[float, ...]
+    exit_fractions: tuple[float, ...]
+    constraints: dict[str, float]
+
+    @property
+    def feasible(self) -> bool:
+        return all(v <= 0 for v in self.constraints.values())
+
+    @property
+    def values(self) -> list[float]:
+        return [self.accuracy, self.expected_macs]
+
+    def user_attrs(self) -> dict[str, Any]:
+        return {"arch_id": self.arch.id, "arch": self.arch.to_json(),
+                "macs": self.expected_macs, "relative_cost": self.relative_cost,
+                "path_macs": self.path_macs, "exit_accuracy": list(self.exit_accuracy),
+                "exit_fractions": list(self.exit_fractions), "feasible": self.feasible}
+
+    def apply(self, trial) -> None:
+        """Set user attributes and constraints on an Optuna trial (before ``tell``)."""
+        for key, value in self.user_attrs().items():
+            trial.set_user_attr(key, value)
+        for key, value in self.constraints.items():
+            trial.set_constraint(key, value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"arch": self.arch.to_json(), "accuracy": self.accuracy,
+                "expected_macs": self.expected_macs, "relative_cost": self.relative_cost,
+                "path_macs": self.path_macs, "exit_accuracy": list(self.exit_accuracy),
+                "exit_fractions": list(self.exit_fractions), "constraints": self.constraints}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrialRecord":
+        return cls(arch=Arch.from_json(data["arch"]), accuracy=data["accuracy"],
+                   expected_macs=data["expected_macs"], relative_cost=data["relative_cost"],
+                   path_macs=data["path_macs"], exit_accuracy=tuple(data["exit_accuracy"]),
+                   exit_fractions=tuple(data["exit_fractions"]),
+                   constraints=dict(data["constraints"]))
+
+
+class Objective:
+    """arch -> :class:`TrialRecord`, from cached statistics (no network pass)."""
+
+    def __init__(self, *, costs: CostTable, budget: Budget,
+                 caches: Callable[[tuple[int, ...]], ExitCache]) -> None:
+        self.costs, self.budget, self.caches = costs, budget, caches
+
+    def __call__(self, arch: Arch) -> TrialRecord:
+        s = score(self.caches(arch.depths), arch, self.costs)
+        path = int(s.exit_macs[-1])
+        return TrialRecord(arch=arch, accuracy=float(s.accuracy),
+                           expected_macs=float(s.expected_macs),
+                           relative_cost=float(s.expected_macs) / self.budget.backbone_macs,
+                           path_macs=path, exit_accuracy=tuple(map(float, s.exit_accuracy)),
+                           exit_fractions=tuple(map(float, s.exit_fractions)),
+                           constraints=self.budget.constraints(s.expected_macs, path))
