@@ -7,11 +7,14 @@ each item of a tuple), ``choices`` (a registry-like object or a collection of al
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Union
 
 from .errors import ConfigError
+
+_SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def field(default: Any = dataclasses.MISSING, *, doc: str = "", **checks: Any) -> Any:
@@ -73,6 +76,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"expected an integer, got {_describe(value)}", path=path)
         return value
     if tp is float:
+        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {_describe(value)}", path=path)
         return float(value)

@@ -89,3 +89,13 @@ def test_defaults_fill_missing_sections(tiny_space):
     assert tiny_space.retrain.regime == "mixed"
     assert tiny_space.search.sampler == "nsga2"
     assert tiny_space.to_dict()["backbone"]["stages"][0]["depths"] == [1, 2]
+
+
+def test_scientific_notation_is_a_number(tiny_space_file, tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as a string; the loader accepts it as the number it is."""
+    space = load_space(tiny_space_file, {"supernet.optim.lr": "1e-3",
+                                         "supernet.optim.weight_decay": "5E-4"})
+    assert space.supernet.optim.lr == 1e-3
+    assert space.supernet.optim.weight_decay == 5e-4
+    with pytest.raises(ConfigError, match="expected a number, got str 'fast'"):
+        load_space(tiny_space_file, {"supernet.optim.lr": "fast"})
