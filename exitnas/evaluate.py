@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -35,35 +35,55 @@ from .policy import ExitStats, first_exit, get_policy
 
 
 # ---- the single vectorised scorer ------------------------------------------------------------
+# A sample's exit index = how many leading exits it passes without leaving: the sum over k of
+# "alive after exit k" (no earlier exit accepted it). Branch-free and ~6x faster than masked
+# assignment; ``~hit`` (not the opposite comparison) keeps NaN statistics from leaving.
+def _count_alive(hits) -> np.ndarray:
+    idx = alive = None
+    for hit in hits:
+        if alive is None:
+            alive = ~hit
+            idx = alive.astype(np.uint8)
+        else:
+            alive &= ~hit
+            idx += alive
+    return idx
+
+
 def _threshold_rule(values: np.ndarray, rows: np.ndarray, params, *, below: bool) -> np.ndarray:
     k = len(rows) - 1
     if len(params) < k:
         raise ValueError(f"{len(params)} thresholds for {k} early exits")
-    idx = np.full(values.shape[1], k, dtype=np.intp)
+    if k == 0:
+        return np.zeros(values.shape[1], dtype=np.uint8)
     op = np.less_equal if below else np.greater_equal
-    for j in range(k - 1, -1, -1):  # walk back so the first accepting exit wins
-        idx[op(values[rows[j]], np.float32(params[j]))] = j
-    return idx
+    return _count_alive(op(values[rows[j]], np.float32(params[j])) for j in range(k))
 
 
 def _patience_rule(pred: np.ndarray, rows: np.ndarray, params) -> np.ndarray:
     k, p = len(rows) - 1, int(params[0])
-    idx = np.full(pred.shape[1], k, dtype=np.intp)
-    run = np.ones(pred.shape[1], dtype=np.int32)
-    for j in range(k):
-        if j:
-            same = pred[rows[j]] == pred[rows[j - 1]]
-            run = np.where(same, run + 1, 1)
-        idx[(run >= p) & (idx == k)] = j
-    return idx
+    if k == 0:
+        return np.zeros(pred.shape[1], dtype=np.uint8)
+
+    def hits():
+        run = np.ones(pred.shape[1], dtype=np.int32)
+        for j in range(k):
+            if j:
+                run = np.where(pred[rows[j]] == pred[rows[j - 1]], run + 1, 1)
+            yield run >= p
+
+    return _count_alive(hits())
 
 
 def exit_index(policy: str, params: Sequence[float], conf: np.ndarray, entropy: np.ndarray,
                pred: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Exit taken by every sample [N] (``len(rows) - 1`` = the final exit).
+    """Exit taken by every sample [N] (``len(rows) - 1`` = the final exit; uint8 for the
+    built-in policies, at most 255 exits).
 
     ``conf``/``entropy``/``pred`` are [R, N] statistics; ``rows`` picks an arch's exits from
     them in network order, the final exit last."""
+    if len(rows) > 256:
+        raise ValueError(f"{len(rows)} exits: at most 256 are supported")
     if policy == "max_softmax":
         return _threshold_rule(conf, rows, params, below=False)
     if policy == "entropy":
@@ -85,10 +105,20 @@ class Score:
     exit_macs: tuple[int, ...]         # C_k
 
 
+@lru_cache(maxsize=8)
+def _arange(n: int) -> np.ndarray:
+    out = np.arange(n, dtype=np.intp)
+    out.flags.writeable = False
+    return out
+
+
 def _summarise(idx: np.ndarray, correct_flat: np.ndarray, rows: np.ndarray, n: int,
                exit_accuracy: tuple[float, ...], exit_macs: Sequence[int]) -> Score:
     counts = np.bincount(idx, minlength=len(rows))
-    hits = int(np.count_nonzero(correct_flat[rows[idx] * n + np.arange(n)]))
+    flat = rows[idx]
+    flat *= n
+    flat += _arange(n)
+    hits = int(np.count_nonzero(correct_flat.take(flat)))
     # integer MACs x integer counts, divided once: the same float for any summation order
     total = sum(int(c) * int(m) for c, m in zip(counts.tolist(), exit_macs))
     return Score(accuracy=hits / n, expected_macs=total / n,
@@ -172,7 +202,7 @@ def decide(cache: ExitCache, arch: Arch) -> tuple[torch.Tensor, torch.Tensor]:
     conf, entropy, pred = cache.arrays
     idx = exit_index(arch.policy, arch.thresholds, conf, entropy, pred, rows)
     n = cache.num_samples
-    out = pred.reshape(-1)[rows[idx] * n + np.arange(n)]
+    out = pred.reshape(-1)[rows[idx] * n + _arange(n)]
     return torch.from_numpy(out.astype(np.int64)), torch.from_numpy(idx.astype(np.int64))
 
 

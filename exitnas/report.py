@@ -114,11 +114,11 @@ def model_tables(entry: ModelEntry, val: ArchStats, test: ArchStats) -> dict[str
     return tables
 
 
-def markdown(df: pd.DataFrame) -> str:
-    """A Markdown table (floats with 4 decimals); no extra dependency."""
+def markdown(df: pd.DataFrame, digits: int = 4) -> str:
+    """A Markdown table (floats with ``digits`` decimals, NaN empty); no extra dependency."""
     def cell(v) -> str:
         if isinstance(v, float):
-            return "" if math.isnan(v) else f"{v:.4f}"
+            return "" if math.isnan(v) else f"{v:.{digits}f}"
         return str(v).replace("|", "\\|")
 
     cols = [str(c) for c in df.columns]
