@@ -179,6 +179,12 @@ def _manifest(*, space: Space, arch: Arch, splits, source: dict, graphs: dict,
     names = [e.key for e in arch.exits] + ["final"]
     heads = [e.head for e in arch.exits] + [space.backbone.final_head]
     positions = [[e.stage, e.block] for e in arch.exits] + [None]
+    # per-graph MACs (batch 1) for split deployments: C_k = C_{k-1} + segment k + head k
+    head_macs = [table.heads[(e.stage, e.block, e.head)] for e in arch.exits] + [table.final]
+    for k, (c, h) in enumerate(zip(costs, head_macs)):
+        graphs[f"segment_{k}"]["macs"] = c - (costs[k - 1] if k else 0) - h
+        graphs[f"head_{k}"]["macs"] = h
+    graphs["model"]["macs"] = costs[-1]
     versions = {"exitnas": __version__, "torch": torch.__version__}
     if onnx_skipped is None:
         import onnx

@@ -133,6 +133,16 @@ def test_manifest_describes_the_export(exported):
         {k: tuple(v.shape) for k, v in state.items()}
     for name, g in m["graphs"].items():
         assert g["onnx_max_abs_diff"] <= 1e-5, name
+    from exitnas.cost import count_macs
+
+    x = torch.zeros(1, 3, 8, 8)
+    model = exported["model"]
+    for k, (segment, head) in enumerate(zip(model.segments, model.heads)):
+        assert m["graphs"][f"segment_{k}"]["macs"] == count_macs(segment, tuple(x.shape[1:]))
+        x = segment(x)
+        assert m["graphs"][f"head_{k}"]["macs"] == count_macs(head, tuple(x.shape[1:]))
+        assert m["graphs"][f"head_{k}"]["input"] == [None, *x.shape[1:]]
+    assert m["graphs"]["model"]["macs"] == m["exits"][-1]["macs"]
 
 
 def test_exported_weights_are_the_recalibrated_extract(exported):
@@ -308,11 +318,11 @@ def _atomicity(exported, tmp_path, fractions) -> list[str]:
 
 
 def test_export_is_atomic_under_kill(exported, tmp_path):
-    """kill -9 mid-build (deterministic: once the temporary folder exists) and at two random
-    moments late in the export: the out dir is always the old or the new complete export; a
-    rerun completes."""
+    """kill -9 mid-build (deterministic: once the temporary folder exists) and at a random
+    moment late in the export: the out dir is always the old or the new complete export; a
+    rerun completes. The slow variant kills at 12 random moments."""
     rng = random.Random(7)
-    outcomes = _atomicity(exported, tmp_path, [None, rng.uniform(0.6, 0.9), rng.uniform(0.9, 1.1)])
+    outcomes = _atomicity(exported, tmp_path, [None, rng.uniform(0.7, 1.1)])
     assert outcomes[0] == "old"
 
 

@@ -1,0 +1,273 @@
+"""CPU wall time of the early-exit runtime vs the plain backbone, at thresholds that give
+~25 / 50 / 75 % of the backbone's MACs (exitnas.runtime on .pt2 programs and on ONNX Runtime).
+
+    .venv/bin/python benchmarks/runtime_latency.py               # ~10 min on 2 free cores
+    .venv/bin/python benchmarks/runtime_latency.py --rounds 3    # quicker, noisier
+
+Model: ResNet-20 (search_spaces/resnet_cifar.yaml at depths 3/3/3) with 4 linear exits
+(s0b0, s0b2, s1b1, s2b0) + the final exit, retrained jointly for a few epochs on a CIFAR-10
+(JPEG) subset (exitnas.retrain; cached under .cache/runtime-bench/) so confidences are
+realistic, then exported (exitnas.export). The plain backbone is the same trained weights
+(every segment, final head only) exported as its own one-segment model, run by the same
+runtime. Thresholds: one max-softmax threshold shared by all exits, bisected on VAL so the
+expected MACs / plain-backbone MACs hit each target; timed on TEST images.
+
+Timing: one intra-op thread (torch and ONNX Runtime), batch 1 (one image per call) and batch
+256. Each round times every configuration once, in a rotated order; the time ratio is the
+median over rounds of (config time / backbone time in the same round). A second pass splits
+each configuration's time into segments, heads, exit rule + bookkeeping, and gathering the
+samples that go on.
+
+Writes results/runtime/{latency.csv, latency.md, breakdown.csv, graphs.csv}.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exitnas.arch import Arch  # noqa: E402
+from exitnas.data import load_splits, normalize  # noqa: E402
+from exitnas.export import export_run, write_export  # noqa: E402
+from exitnas.model import MultiExitModel, exits_from_logits  # noqa: E402
+from exitnas.retrain import load_retrained, retrain, retrain_dir  # noqa: E402
+from exitnas.rundir import RunDir  # noqa: E402
+from exitnas.runtime import load  # noqa: E402
+from exitnas.space import load_space  # noqa: E402
+
+TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+OUT = ROOT / "results" / "runtime"
+ARCH = "d3.3.3~s0b0=linear,s0b2=linear,s1b1=linear,s2b0=linear~max_softmax=0.9,0.9,0.9,0.9"
+TARGETS = (0.25, 0.5, 0.75)
+COLUMNS = ["backend", "batch", "config", "target_fraction", "threshold", "mac_ratio",
+           "time_ratio", "gap_points", "ms_per_sample", "backbone_ms_per_sample",
+           "val_mac_ratio", "accuracy", "exit_fractions"]
+
+
+def cifar_root() -> Path:
+    cache = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))
+    if not (cache / "test").is_dir():
+        if not TARBALL.is_file():
+            sys.exit(f"runtime_latency: CIFAR-10 (JPEG) tarball not found at {TARBALL}")
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(TARBALL) as tar:
+            tar.extractall(cache, filter="data")
+    return cache
+
+
+def prepare(args):
+    """Train (once, cached), export the early-exit model and the plain backbone."""
+    space = load_space(ROOT / "search_spaces" / "resnet_cifar.yaml", {
+        "data.dataset": "imagefolder", "data.root": str(cifar_root()),
+        "data.train_subset": args.train_subset, "data.eval_batch_size": 500,
+        "retrain.regime": "joint", "retrain.epochs": args.epochs, "retrain.optim.lr": 0.05})
+    run = RunDir(args.work / "run")
+    space = run.init(space)
+    arch = Arch.parse(ARCH).validate(space)
+    splits = load_splits(space)
+    torch.set_num_threads(2)
+    if not (retrain_dir(run, arch, "joint") / "model.safetensors").is_file():
+        retrain(run, arch, space=space, regime="joint", splits=splits)
+    ee_dir, plain_dir = args.work / "export" / "early_exit", args.work / "export" / "plain"
+    if not (ee_dir / "arch.json").is_file():
+        export_run(run, arch, ee_dir)
+    if not (plain_dir / "arch.json").is_file():
+        model = load_retrained(run, arch, "joint", space)
+        plain = MultiExitModel(segments=[torch.nn.Sequential(*[m for s in model.segments for m in s])],
+                               heads=[model.heads[-1]], policy="max_softmax", thresholds=(),
+                               exit_names=["final"])
+        plain_arch = Arch(depths=arch.depths, exits=(), policy="max_softmax", thresholds=())
+        write_export(plain.eval(), space=space, arch=plain_arch, splits=splits, out=plain_dir,
+                     source={"kind": "retrain", "weights": "model", "regime": "joint",
+                             "path": str(retrain_dir(run, arch, "joint")),
+                             "note": f"backbone of {arch.id}: every segment, final head only"})
+    return space, splits, ee_dir, plain_dir
+
+
+def fit_threshold(logits: list[torch.Tensor], costs: np.ndarray, backbone: float, target: float) -> float:
+    """Shared max-softmax threshold whose expected MACs on these (val) logits ≈ target × backbone
+    (expected MACs grow with the threshold: bisection)."""
+    k = len(logits) - 1
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        t = (lo + hi) / 2
+        idx = exits_from_logits(logits, "max_softmax", (t,) * k).exit.numpy()
+        if costs[idx].mean() / backbone < target:
+            lo = t
+        else:
+            hi = t
+    return (lo + hi) / 2
+
+
+def _passes(pred, x: np.ndarray | torch.Tensor, batch: int) -> None:
+    for i in range(0, len(x), batch):
+        pred.predict(x[i:i + batch])
+
+
+class Timed:
+    """Wrap a callable and add its wall time to ``acc[key]`` (the breakdown pass)."""
+
+    def __init__(self, fn, acc: dict, key: str) -> None:
+        self.fn, self.acc, self.key = fn, acc, key
+
+    def __call__(self, *a):
+        t = time.perf_counter()
+        out = self.fn(*a)
+        self.acc[self.key] += time.perf_counter() - t
+        return out
+
+
+def breakdown(p, x, batch: int) -> dict:
+    """Seconds in segments, heads, gathering (the rest is the exit rule, numpy bookkeeping and
+    Python dispatch) over one pass; benchmark-only instrumentation of the predictor's parts."""
+    acc = {"segments": 0.0, "heads": 0.0, "gather": 0.0}
+    saved = p._segments, p._heads, p._b.take
+    p._segments = [Timed(f, acc, "segments") for f in saved[0]]
+    p._heads = [Timed(f, acc, "heads") for f in saved[1]]
+    p._b.take = Timed(saved[2], acc, "gather")
+    try:
+        t = time.perf_counter()
+        _passes(p, x, batch)
+        acc["total"] = time.perf_counter() - t
+    finally:
+        p._segments, p._heads, p._b.take = saved
+    acc["rule_and_python"] = acc["total"] - acc["segments"] - acc["heads"] - acc["gather"]
+    return {k: v / len(x) * 1e3 for k, v in acc.items()}  # ms per sample
+
+
+def graph_profile(p, x, batch: int, reps: int) -> list[dict]:
+    """Median time of every segment and head on its own (``x`` pushed through the chain):
+    how time per MAC changes along the network."""
+    def median_time(fn, arg):
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = fn(arg)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times)) / batch * 1e3, out
+
+    rows, h = [], x[:batch]
+    for k in range(p.num_exits):
+        seg_ms, feats = median_time(lambda v: p.segment(k, v), h)
+        head_ms, _ = median_time(lambda v: p.head(k, v), feats)
+        graphs = p.manifest["graphs"]
+        rows.append({"graph": f"segment_{k}", "macs": graphs[f"segment_{k}"]["macs"], "ms_per_sample": seg_ms})
+        rows.append({"graph": f"head_{k}", "macs": graphs[f"head_{k}"]["macs"], "ms_per_sample": head_ms})
+        h = feats
+    total_t = sum(r["ms_per_sample"] for r in rows)
+    total_m = sum(r["macs"] for r in rows)
+    for r in rows:
+        r["macs_share"] = r["macs"] / total_m
+        r["time_share"] = r["ms_per_sample"] / total_t
+        r["ns_per_mac"] = r["ms_per_sample"] * 1e6 / r["macs"]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--n1", type=int, default=200, help="test images timed one by one per round")
+    ap.add_argument("--n256", type=int, default=1024, help="test images timed in batches of 256")
+    ap.add_argument("--epochs", type=int, default=4, help="joint retraining epochs")
+    ap.add_argument("--train-subset", type=int, default=10000)
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "runtime-bench")
+    args = ap.parse_args()
+
+    space, splits, ee_dir, plain_dir = prepare(args)
+    torch.set_num_threads(1)
+    preds = {b: {"plain": load(plain_dir, b, threads=1), "ee": load(ee_dir, b, threads=1)}
+             for b in ("pt2", "onnx")}
+    ref = preds["pt2"]["ee"]
+    backbone = float(preds["pt2"]["plain"].exit_macs[0])
+    costs = ref.exit_macs.astype(np.float64)
+    k = ref.num_exits - 1
+
+    val = normalize(splits.val.images, splits.mean, splits.std)
+    val_logits = [torch.as_tensor(z) for z in ref.all_exits(val)]
+    configs = {"backbone": None}
+    for target in TARGETS:
+        configs[f"t{int(target * 100)}"] = (target, fit_threshold(val_logits, costs, backbone, target))
+    configs["no_exit"] = (None, 2.0)  # every exit evaluated, nobody leaves: the exits' overhead
+
+    n = max(args.n1, args.n256)
+    test_u8 = splits.test.images[:n]
+    labels = splits.test.labels[:n].numpy()
+    x_t = normalize(test_u8, splits.mean, splits.std)
+    inputs = {"pt2": x_t, "onnx": x_t.numpy()}
+    plans = [(b, 1, args.n1) for b in preds] + [(b, 256, args.n256) for b in preds]
+
+    def run_config(backend: str, name: str) -> object:
+        p = preds[backend]["plain" if name == "backbone" else "ee"]
+        if name != "backbone":
+            p.set_policy("max_softmax", (configs[name][1],) * k)
+        return p
+
+    times = {(b, bs, c): [] for b, bs, _ in plans for c in configs}
+    names = list(configs)
+    for r in range(args.rounds):
+        for b, bs, count in plans:
+            for c in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+                p = run_config(b, c)
+                gc.collect()
+                t = time.perf_counter()
+                _passes(p, inputs[b][:count], bs)
+                times[(b, bs, c)].append((time.perf_counter() - t) / count)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+    rows, parts = [], []
+    for b, bs, count in plans:
+        base = np.asarray(times[(b, bs, "backbone")])
+        for c in names:
+            p = run_config(b, c)
+            res = p.predict(inputs[b][:count])
+            t = np.asarray(times[(b, bs, c)])
+            target, thr = configs[c] if configs[c] else (None, float("nan"))
+            macs = float(res.macs.mean()) / backbone
+            val_ratio = (float("nan") if c == "backbone" else float(costs[exits_from_logits(
+                val_logits, "max_softmax", (thr,) * k).exit.numpy()].mean() / backbone))
+            ratio = float(np.median(t / base))
+            fr = np.bincount(res.exit, minlength=p.num_exits) / count
+            rows.append({"backend": b, "batch": bs, "config": c, "target_fraction": target,
+                         "threshold": thr, "mac_ratio": macs, "time_ratio": ratio,
+                         "gap_points": 100 * (ratio - macs),
+                         "ms_per_sample": float(np.median(t)) * 1e3,
+                         "backbone_ms_per_sample": float(np.median(base)) * 1e3,
+                         "val_mac_ratio": 1.0 if c == "backbone" else val_ratio,
+                         "accuracy": float((res.pred == labels[:count]).mean()),
+                         "exit_fractions": " ".join(f"{f:.2f}" for f in fr)})
+            parts.append({"backend": b, "batch": bs, "config": c,
+                          **breakdown(p, inputs[b][:count], bs)})
+    prof = []
+    for b, bs, count in plans:
+        x = inputs[b][:bs] if bs > 1 else inputs[b][:1]
+        prof += [{"backend": b, "batch": bs, **r}
+                 for r in graph_profile(preds[b]["ee"], x, bs, reps=50 if bs == 1 else 7)]
+    OUT.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(prof).to_csv(OUT / "graphs.csv", index=False, float_format="%.4f")
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df.to_csv(OUT / "latency.csv", index=False, float_format="%.3f")
+    pd.DataFrame(parts).to_csv(OUT / "breakdown.csv", index=False, float_format="%.4f")
+    show = df.drop(columns=["exit_fractions"])
+    (OUT / "latency.md").write_text(
+        f"Runtime latency, {platform.processor() or platform.machine()}, 1 thread, "
+        f"{args.rounds} rounds, torch {torch.__version__}\n\n"
+        + show.to_markdown(index=False, floatfmt=".3f") + "\n")
+    print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(pd.DataFrame(parts).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(pd.DataFrame(prof).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    main()
