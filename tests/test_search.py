@@ -314,4 +314,30 @@ def test_three_concurrent_processes_on_one_journal_file_give_exactly_n(tiny_run)
                                       "numbers_unique": True, "numbers_contiguous": True,
                                       "uids_unique": True}
     study = study_of(tiny_run)
-    assert study.user_attrs["exitnas:sessions"] == 4
+    assert len(study.user_attrs["exitnas:sessions"]) == 4  # one owner tag per process
+
+
+def test_stale_running_trials_of_dead_processes_are_failed(tmp_path):
+    import optuna
+
+    from exitnas.search._run import join_session
+    from exitnas.search._storage import (OWNER_KEY, SESSIONS_KEY, NullLock, fail_stale_trials,
+                                         journal_backend, owner_tag)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.JournalStorage(journal_backend(str(tmp_path / "j.log")))
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
+    dead = owner_tag().rsplit(":", 1)[0] + ":0"  # this host and pid, another start time
+    study.set_user_attr(SESSIONS_KEY, [dead])
+    assert join_session(study, NullLock()) == 1
+    t_dead, t_none, t_mine, t_kept = (study.ask() for _ in range(4))
+    storage.set_trial_system_attr(t_dead._trial_id, OWNER_KEY, dead)
+    storage.set_trial_system_attr(t_mine._trial_id, OWNER_KEY, owner_tag())
+    storage.set_trial_system_attr(t_kept._trial_id, OWNER_KEY, dead)
+    # another live process joined: a trial without an owner might be its own
+    study.set_user_attr(SESSIONS_KEY, study.user_attrs[SESSIONS_KEY] + [owner_tag(os.getppid())])
+    assert fail_stale_trials(study, keep={t_kept.number}) == [t_dead.number]
+    study.set_user_attr(SESSIONS_KEY, study.user_attrs[SESSIONS_KEY][:2])
+    assert fail_stale_trials(study, keep={t_kept.number}) == [t_none.number]
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["FAIL", "FAIL", "RUNNING", "RUNNING"]

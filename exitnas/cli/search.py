@@ -43,6 +43,8 @@ class Search:
             workers=args.workers, population=args.population))
         s = result.summary
         rate = f", {s['trials_per_s']:.1f} trials/s" if s.get("trials_per_s") else ""
+        cache = s.get("cache", {})
+        rate += f"; depth caches {cache.get('built', 0)} built, {cache.get('loaded', 0)} read"
         print(f"search: study {result.study_name!r} in {result.storage}: {result.trials} complete "
               f"trials ({s['committed_by_this_process']} run now{rate}); {len(result.front)} on "
               f"the feasible front, hypervolume {result.hypervolume:.4f} (reference accuracy 0, "

@@ -49,9 +49,15 @@ class CacheStore:
         depths = tuple(depths)
         cache = self._memo.get(depths)
         if cache is None:
-            before = self._files(depths)
-            cache = load_or_build_cache(self.run_dir, self.net, depths, self.splits,
-                                        split=self.split, digest=self.digest)
+            from ._storage import FileLock
+
+            folder = Path(self.run_dir.path) / "cache"
+            folder.mkdir(parents=True, exist_ok=True)
+            # concurrent processes on this run directory: one builds, the others then read
+            with FileLock(str(folder / f".build-{self.split}-d{'.'.join(map(str, depths))}.lock")):
+                before = self._files(depths)
+                cache = load_or_build_cache(self.run_dir, self.net, depths, self.splits,
+                                            split=self.split, digest=self.digest)
             if self._files(depths) != before:
                 self.built += 1
             else:

@@ -272,14 +272,15 @@ def run_ray(*, run, space, spec, study_name, costs, budget, genome, sampler_kind
         if (state.get("study") == study_name and state.get("target") == n_trials
                 and before < n_trials and tune.Tuner.can_restore(str(last))):
             print(f"search: resuming Ray Tune experiment {last}", file=log, flush=True)
+            join_session(study, spec.lock(study_name))  # before the searcher judges stale trials
             tune.Tuner.restore(str(last), trainable=trainable, resume_unfinished=True,
                                resume_errored=True).fit()
             restored = True
         StudySearch = _searcher_class()
         while _count_complete(study) < n_trials and rounds < TOP_UP_ROUNDS:
             rounds += 1
-            fail_stale_trials(study)
             session = join_session(study, spec.lock(study_name))
+            fail_stale_trials(study)
             name = f"tune-{session}"
             atomic_write_json(state_path, {"experiment": name, "study": study_name,
                                            "target": n_trials})

@@ -25,8 +25,8 @@ from ._front import FrontSummary, write_outputs
 from ._genome import Genome
 from ._objective import DIRECTIONS, METRIC_NAMES
 from ._sampler import session_seed
-from ._storage import (StorageSpec, fail_stale_trials, record_study, resolve_study,
-                       sync_storage)
+from ._storage import (SESSIONS_KEY, StorageSpec, fail_stale_trials, owner_tag, record_study,
+                       resolve_study, sync_storage)
 
 WEIGHTS = "supernet/weights.safetensors"
 
@@ -108,11 +108,12 @@ def _short(value) -> str:
 
 
 def join_session(study, lock) -> int:
-    """A number unique to this process among those that joined ``study`` (seeds its sampler)."""
+    """Register this process with ``study`` (``exitnas:sessions``: the owner tags of every
+    process that joined, see ``fail_stale_trials``); returns its index (seeds its sampler)."""
     with lock:
-        k = int(study.user_attrs.get("exitnas:sessions", 0))
-        study.set_user_attr("exitnas:sessions", k + 1)
-    return k
+        tags = list(study.user_attrs.get(SESSIONS_KEY, []))
+        study.set_user_attr(SESSIONS_KEY, tags + [owner_tag()])
+    return len(tags)
 
 
 def quiet_optuna() -> None:
@@ -188,8 +189,8 @@ def _run_local(*, run, space, study, lock, costs, budget: Budget, genome, sample
     from ._objective import CacheStore, Objective
     from ._sampler import make_sampler
 
-    failed = fail_stale_trials(study)
     session = join_session(study, lock)
+    failed = fail_stale_trials(study)
     net = Supernet(space).load(weights)
     caches = CacheStore(run_dir=run, net=net, splits=load_splits(space))
     objective = Objective(costs=costs, budget=budget, caches=caches)

@@ -32,6 +32,7 @@ from ..io import atomic_write_json
 
 ENV_STORAGE = "EXITNAS_STORAGE"
 OWNER_KEY = "exitnas:owner"
+SESSIONS_KEY = "exitnas:sessions"
 UID_KEY = "exitnas:uid"
 
 
@@ -64,11 +65,17 @@ class StorageSpec:
         kwargs = {}
         if self.dialect == "sqlite":  # wait for a busy database instead of failing at once
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        # processes started together on a fresh database would race to create the tables
+        lock = self.lock("storage-init")
         try:
-            return optuna.storages.RDBStorage(self.url, **kwargs)
+            with lock:
+                return optuna.storages.RDBStorage(self.url, **kwargs)
         except Exception as err:  # driver missing, server down, bad URL...
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RunDirError(f"--storage {self.display}: cannot open ({first[:200]})") from None
+        finally:
+            if isinstance(lock, PgAdvisoryLock):
+                lock.close()
 
     def lock(self, study_name: str):
         """The commit lock for ``study_name`` in this storage (a context manager)."""
@@ -242,6 +249,11 @@ class PgAdvisoryLock:
         self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
         self._conn.commit()
 
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
 
 # ---- process ownership of RUNNING trials -----------------------------------------------------
 def _start_ticks(pid: int) -> str | None:
@@ -270,15 +282,25 @@ def owner_alive(tag: str) -> bool | None:
 
 
 def fail_stale_trials(study, keep: set[int] = frozenset()) -> list[int]:
-    """Mark RUNNING trials of dead exitnas processes on this host FAIL (except trial numbers in
-    ``keep``); returns their numbers."""
+    """Mark RUNNING trials of dead exitnas processes FAIL (except trial numbers in ``keep``);
+    returns their numbers. Call it after :func:`join_session`.
+
+    A trial carries its owner's tag (``host:pid:start``) from just after ``ask``; it is stale
+    when that process is gone from this host. A trial without a tag (its process died between
+    ``ask`` and tagging it) is stale when no other process that joined the study may still be
+    alive (processes on other hosts count as alive)."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
+    me = owner_tag()
+    others = [t for t in study.user_attrs.get(SESSIONS_KEY, []) if t != me]
+    others_may_live = any(owner_alive(t) is not False for t in others)
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(OWNER_KEY)
-        if t.number in keep or owner is None or owner_alive(owner) is not False:
+        if t.number in keep or owner == me:
+            continue
+        if (owner_alive(owner) is not False) if owner else others_may_live:
             continue
         try:
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)

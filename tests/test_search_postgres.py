@@ -1,0 +1,82 @@
+"""A real PostgreSQL server (Debian's package, started by the test as user postgres on
+127.0.0.1 and a free port, in a temporary directory) holds one study that three concurrent
+`exitnas search` processes fill: exactly N complete trials, none lost or duplicated."""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from search_support import study_of, train_tiny_run, trial_counts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL server not installed (Debian package postgresql)")
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no 'postgres' user to run the server as")
+    if os.geteuid() != 0 or not shutil.which("runuser"):
+        pytest.skip("starting a PostgreSQL server here needs root and runuser")
+    pytest.importorskip("psycopg2")
+    bindir = Path(bins[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="exitnas-pg-", dir="/tmp"))
+    os.chown(root, pw.pw_uid, pw.pw_gid)
+    port = _free_port()
+
+    def as_postgres(*cmd):
+        return subprocess.run(["runuser", "-u", "postgres", "--", *map(str, cmd)],
+                              capture_output=True, text=True, timeout=120)
+
+    try:
+        r = as_postgres(bindir / "initdb", "-D", root / "data", "-A", "trust", "-U", "postgres",
+                        "--no-sync")
+        assert r.returncode == 0, r.stderr
+        r = as_postgres(bindir / "pg_ctl", "-D", root / "data", "-l", root / "log", "-w", "-o",
+                        f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off", "start")
+        assert r.returncode == 0, r.stderr + (root / "log").read_text()
+        r = as_postgres(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "exitnas")
+        assert r.returncode == 0, r.stderr
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/exitnas"
+    finally:
+        as_postgres(bindir / "pg_ctl", "-D", root / "data", "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_three_concurrent_searches_fill_one_postgres_study_exactly(postgres_url, tmp_path):
+    run = train_tiny_run(tmp_path / "run", steps=10)
+    n = 150
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "exitnas", "search", str(run), "--trials",
+                               str(n), "--storage", postgres_url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    ran = [int(out.split(" run now")[0].rsplit("(", 1)[1]) for out, _ in outs]
+    assert sum(ran) == n
+    assert trial_counts(run, postgres_url) == {
+        "complete": n, "running": 0, "fail": 0, "numbers_unique": True,
+        "numbers_contiguous": True, "uids_unique": True}
+    assert "postgresql+psycopg2://postgres@127.0.0.1" in (run / "search" / "study.json").read_text()
+    # each depth setting went through the network once, across the three processes
+    built = [int(out.split(" built")[0].rsplit(" ", 1)[1]) for out, _ in outs]
+    depth_settings = {tuple(t.user_attrs["arch"]["depths"])
+                      for t in study_of(run, postgres_url).get_trials(deepcopy=False)}
+    assert sum(built) == len(depth_settings) == len(list((run / "cache").glob("val-d*")))
