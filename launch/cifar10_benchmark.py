@@ -335,9 +335,22 @@ def plot_curves(curves: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None
 
 
 # ---- ranking fidelity ----------------------------------------------------------------------
+def distinct_networks(front: list[dict]) -> list[dict]:
+    """Front members with distinct networks (depths and exits), the cheapest of each: members
+    that differ only in thresholds would be retrained into the same weights."""
+    seen, out = set(), []
+    for r in sorted(front, key=lambda r: r["expected_macs"]):
+        arch = Arch.from_id(r["arch_id"])
+        if (arch.depths, arch.exits) not in seen:
+            seen.add((arch.depths, arch.exits))
+            out.append(r)
+    return out
+
+
 def fidelity(run: RunDir, space: Space, scale: Scale, front: list[dict], splits: Splits,
              costs: CostTable, net, log) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``scale.fidelity_archs`` front members spread over the cost range; each retrained (in
+    """``scale.fidelity_archs`` front members (distinct networks) spread over the cost range
+    (``exitnas.pipeline.spread``); each retrained (in
     ``RUN/fidelity``) with the space's regime for ``fidelity_epochs`` on the first
     ``fidelity_train`` train images; val accuracy under the arch's own policy and thresholds
     (the search objective) and at the final exit, supernet vs retrained; Kendall's tau."""
@@ -347,7 +360,7 @@ def fidelity(run: RunDir, space: Space, scale: Scale, front: list[dict], splits:
     fsplits = head_of_train(splits, scale.fidelity_train)
     frun = RunDir(run.path / "fidelity")
     rows = []
-    for r in spread(front, scale.fidelity_archs):
+    for r in spread(distinct_networks(front), scale.fidelity_archs):
         arch = Arch.from_id(r["arch_id"])
         inherited = supernet_stats(run, net, arch, splits, costs)
         retrain(frun, arch, space=fspace, splits=fsplits, log=log)
@@ -378,7 +391,7 @@ def git_state() -> str:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                               capture_output=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "exitnas", "launch"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
+                               cwd=ROOT, text=True, capture_output=True).stdout.rstrip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (f" (uncommitted changes under exitnas/ or launch/: "
