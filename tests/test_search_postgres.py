@@ -60,9 +60,10 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_three_concurrent_searches_fill_one_postgres_study_exactly(postgres_url, tmp_path):
     run = train_tiny_run(tmp_path / "run", steps=10)
-    n = 150
+    n = 90
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-m", "exitnas", "search", str(run), "--trials",
                                str(n), "--storage", postgres_url], stdout=subprocess.PIPE,
