@@ -57,7 +57,7 @@ from exitnas.space import Space, load_space  # noqa: E402
 from exitnas.train import train_supernet  # noqa: E402
 
 TARBALL = Path("/work/shared/data/cifar10-jpeg.tar.gz")
-DATA = ROOT / ".cache" / "cifar10-jpeg"
+DATA = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))  # as tests/conftest.py
 SPACE = ROOT / "launch" / "cifar10_bench.yaml"
 SDN_TARGETS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)  # SDN (Kaya et al. 2019), of backbone MACs
 PICK_BUDGETS = (0.25, 0.5)
@@ -123,7 +123,8 @@ def head_of_train(splits: Splits, n: int | None) -> Splits:
 
 # ---- stage timings -------------------------------------------------------------------------
 class Timings:
-    """Wall seconds per stage, summed over every session that worked on the run."""
+    """Wall seconds per stage, summed over the sessions that worked on it until it first
+    finished (a killed stage's partial session counts; a rerun after it finished does not)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -133,9 +134,11 @@ class Timings:
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         entry = self.data.setdefault(stage, {"seconds": 0.0, "sessions": 0})
-        entry["seconds"] += time.perf_counter() - t0
-        entry["sessions"] += 1
-        atomic_write_json(self.path, self.data)
+        if not entry.get("done"):
+            entry["seconds"] += time.perf_counter() - t0
+            entry["sessions"] += 1
+            entry["done"] = True
+            atomic_write_json(self.path, self.data)
         return out
 
 
@@ -487,7 +490,9 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
         "[0, 1] (points selected on val, test accuracy). MACs: fvcore, batch 1, exit heads "
         "counted (C_k includes every head on the way).", "",
         "## Results (test accuracy, %)", "",
-        markdown(wide.assign(**{c: wide[c] * 100 for c in ("searched", "sdn") if c in wide})),
+        markdown(wide.assign(**{c: wide[c].map(lambda v: f"{100 * v:.2f}")
+                                for c in ("searched", "sdn") if c in wide},
+                             budget_fraction=wide["budget_fraction"].map("{:.0%}".format))),
         "Goal: searched >= SDN + 2 points at 25 % and 50 % of the backbone's MACs.", "",
         "| protocol | budget | searched | sdn | difference (points) | goal |",
         "|---|---|---|---|---|---|", *glines, "",
@@ -514,13 +519,14 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
            "- `anytime.csv`: every exit's accuracy (val, test) and C_k.",
            "- `fidelity.csv`, `fidelity_tau.csv`: ranking fidelity.",
            "- `front.csv`: the search's feasible Pareto front (val); `summary.md`: the tables.",
-           "", "## Caveats", "", *CAVEATS, ""]
+           "", "## Caveats", "",
+        f"- CPU scale: {len(splits.train):,} training images, {sn.epochs} supernet and "
+        f"{rt.epochs} retraining epochs; absolute accuracies are far below a converged ResNet-20 "
+        "(~91 %). The comparison is at equal data, regime and epochs.", *CAVEATS, ""]
     atomic_write_text(out / "README.md", "\n".join(md))
 
 
 CAVEATS = [
-    "- CPU scale: 13.5k training images and a few epochs (see sizes); absolute accuracies are far "
-    "below a converged ResNet-20 (~91 %). The comparison is at equal data, regime and epochs.",
     "- One seed per model; differences of ~1 point are within run-to-run noise at this scale.",
     "- The fidelity retraining is deliberately short, so tau measures agreement with an "
     "early-training ranking, not with fully trained models.",
