@@ -185,15 +185,14 @@ class _Torch:
     def take(self, x, keep: np.ndarray):
         return x[self.torch.from_numpy(keep)]
 
-    def stats(self, logits):
-        """(conf, entropy, pred) exactly as exitnas.policy.ExitStats.from_logits."""
+    def stats(self, logits, entropy: bool):
+        """(conf, entropy or None, pred) exactly as exitnas.policy.ExitStats.from_logits, so
+        decisions match the in-repo model bit for bit."""
         logp = self.torch.log_softmax(logits.float(), dim=1)
-        conf, pred = logp.exp().max(dim=1)
-        entropy = -(logp.exp() * logp).sum(dim=1)
-        return conf.numpy(), entropy.numpy(), pred.numpy()
-
-    def to_numpy(self, t):
-        return t.numpy()
+        prob = logp.exp()
+        conf, pred = prob.max(dim=1)
+        ent = -(prob * logp).sum(dim=1).numpy() if entropy else None
+        return conf.numpy(), ent, pred.numpy()
 
 
 class _Onnx:
@@ -220,8 +219,9 @@ class _Onnx:
         except Exception as err:
             raise ExportError(f"{path}: does not load ({str(err).splitlines()[0][:160]})") from None
         name = sess.get_inputs()[0].name
-        single = len(sess.get_outputs()) == 1 and entry.get("weights_prefix") != ""
-        return lambda x: sess.run(None, {name: x})[0] if single else sess.run(None, {name: x})
+        if isinstance(entry["output"][0], list):  # the whole model: every exit's logits
+            return lambda x: sess.run(None, {name: x})
+        return lambda x: sess.run(None, {name: x})[0]
 
     def as_input(self, x):
         return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -232,15 +232,15 @@ class _Onnx:
     def take(self, x, keep: np.ndarray):
         return x[keep]
 
-    def stats(self, logits):
+    def stats(self, logits, entropy: bool):
+        """(conf, entropy or None, pred) in float32: max softmax = 1 / sum(exp(z - max z)),
+        entropy = log(sum) - sum(exp(z - max z) * (z - max z)) / sum."""
         z = logits.astype(np.float32, copy=False)
         shifted = z - z.max(axis=1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        prob = np.exp(logp)
-        return prob.max(axis=1), -(prob * logp).sum(axis=1), prob.argmax(axis=1)
-
-    def to_numpy(self, t):
-        return t
+        e = np.exp(shifted)
+        total = e.sum(axis=1)
+        ent = np.log(total) - (e * shifted).sum(axis=1) / total if entropy else None
+        return 1 / total, ent, z.argmax(axis=1)
 
 
 def _rule(policy: str, params: list[float]):
@@ -285,6 +285,7 @@ class Predictor:
         if len(thresholds) != want:
             raise ExportError(f"policy {policy} needs {want} value(s), got {len(thresholds)}")
         self._leave = _rule(policy, list(thresholds))
+        self._entropy, self._patience = policy == "entropy", policy == "patience"
         self.policy, self.thresholds = policy, tuple(float(t) for t in thresholds)
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
@@ -338,17 +339,19 @@ class Predictor:
             if alive.size == 0:
                 break
             x = self._segments[k](x)
-            conf, ent, p = b.stats(self._heads[k](x))
+            conf, ent, p = b.stats(self._heads[k](x), self._entropy and k < last)
             if k == last:
                 pred[alive] = p
                 break
-            run = np.ones(alive.size, np.int64) if prev is None else np.where(p == prev, run + 1, 1)
+            if self._patience:  # consecutive exits that agree on the class
+                run = np.ones(alive.size, np.int64) if prev is None else np.where(p == prev, run + 1, 1)
             leave = self._leave(k, conf, ent, run)
             if leave.any():
                 done = alive[leave]
                 pred[done], exit_idx[done] = p[leave], k
                 keep = ~leave
-                alive, p, run = alive[keep], p[keep], run[keep]
+                alive, p = alive[keep], p[keep]
+                run = run[keep] if self._patience else None
                 if alive.size:
                     x = b.take(x, keep)
             prev = p
