@@ -419,7 +419,8 @@ def goal_lines(summary: pd.DataFrame) -> tuple[list[str], bool]:
 def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits: Splits,
                  costs: CostTable, sdn: Arch, picks: dict, search_info: dict,
                  summary: pd.DataFrame, aucs: pd.DataFrame, fid: pd.DataFrame | None,
-                 taus: pd.DataFrame | None, timings: dict, load: dict, finished: list[str]) -> None:
+                 taus: pd.DataFrame | None, timings: dict, load: dict, finished: list[str],
+                 run_dir: Path, pick_table: pd.DataFrame | None = None) -> None:
     glines, met = goal_lines(summary)
     wide = summary.pivot_table(index=["protocol", "budget_fraction"], columns="method",
                                values="accuracy").reset_index()
@@ -433,7 +434,9 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
         f"{git_state()}. Every number below is in the CSVs next to this file.", "",
         "## Command", "", f"    {command}", "",
         "Resumable: rerunning the same command continues the run directory "
-        f"`{scale.run_dir}` step by step (the numbers here are what that command writes).", "",
+        f"`{run_dir}` step by step (the numbers here are what that command writes). It ran from a "
+        "clean checkout (`git worktree`) of the commit above, so the library code is exactly "
+        "the committed one, with the data cache of the main checkout (`EXITNAS_DATA_CACHE`).", "",
         "## Data and sizes", "",
         f"- Data: CIFAR-10 (JPEG) from `{TARBALL}` (ImageFolder, 32x32 RGB); "
         f"{len(splits.train):,} train images (random subset of the 50,000, "
@@ -489,6 +492,7 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
         "the val-selected point's TEST accuracy; AUC = area under accuracy vs relative MACs on "
         "[0, 1] (points selected on val, test accuracy). MACs: fvcore, batch 1, exit heads "
         "counted (C_k includes every head on the way).", "",
+        *_pick_lines(pick_table, picks),
         "## Results (test accuracy, %)", "",
         markdown(wide.assign(**{c: wide[c].map(lambda v: f"{100 * v:.2f}")
                                 for c in ("searched", "sdn") if c in wide},
@@ -526,6 +530,23 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
     atomic_write_text(out / "README.md", "\n".join(md))
 
 
+def _pick_lines(table: pd.DataFrame | None, picks: dict) -> list[str]:
+    """The picked archs' supernet-inherited val sweep accuracy at their budget, next to the
+    best and median front member (from ``RUN/benchmark/pick_candidates.csv``)."""
+    if table is None or table.empty:
+        return []
+    lines = ["Pick candidates (supernet-inherited val threshold-sweep accuracy at the budget, "
+             f"over {table['arch_id'].nunique()} front members):", "",
+             "| budget | picked arch | its val accuracy | front median | front members reaching "
+             "the budget |", "|---|---|---|---|---|"]
+    for b, arch in picks.items():
+        t = table[(table["budget"] == b) & table["sweep_val_accuracy"].notna()]
+        mine = t[t["arch_id"] == arch.id]["sweep_val_accuracy"]
+        lines.append(f"| {b:.0%} | `{arch.id}` | {100 * mine.max():.2f} | "
+                     f"{100 * t['sweep_val_accuracy'].median():.2f} | {len(t)} |")
+    return lines + [""]
+
+
 CAVEATS = [
     "- One seed per model; differences of ~1 point are within run-to-run noise at this scale.",
     "- The fidelity retraining is deliberately short, so tau measures agreement with an "
@@ -561,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     run = RunDir(ROOT / (args.run_dir or scale.run_dir))
     out = ROOT / (args.out or scale.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", "launch/cifar10_benchmark.py", *(argv or sys.argv[1:])])
+    env = f"EXITNAS_DATA_CACHE={DATA} " if "EXITNAS_DATA_CACHE" in os.environ else ""
+    command = env + " ".join(["python", "launch/cifar10_benchmark.py", *(argv or sys.argv[1:])])
     load = {"start": " ".join(f"{v:.1f}" for v in os.getloadavg())}
     log = lambda msg: print(msg, flush=True)  # noqa: E731
 
@@ -617,10 +639,15 @@ def main(argv: list[str] | None = None) -> None:
     load["end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     write_readme(out, scale=scale, command=command, space=space, splits=splits, costs=costs,
                  sdn=sdn, picks=picks, search_info=result.summary, summary=summary, aucs=aucs,
-                 fid=fid, taus=taus, timings=timings.data, load=load, finished=finished)
+                 fid=fid, taus=taus, timings=timings.data, load=load, finished=finished,
+                 run_dir=run.path, pick_table=_read_csv(run.path / "benchmark" / "pick_candidates.csv"))
     _write_summary_md(out, summary, aucs, taus)
     log(f"done: {out}")
     print(summary.to_string(), flush=True)
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.is_file() else None
 
 
 def _csv(df: pd.DataFrame, path: Path) -> None:
