@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ._objective import DIRECTIONS, Objective
-from ._storage import UID_KEY
+from ._storage import UID_KEY, write_counter
 
 
 class StudyMirror:
@@ -33,6 +33,10 @@ class StudyMirror:
 
     def __init__(self, study, sampler, lock) -> None:
         self.study, self.lock = study, lock
+        # bytes other processes wrote to a journal file: unchanged since the last pull means
+        # nothing new to read, which saves reading the whole study (O(n)) on every commit
+        self._others = write_counter(study._storage)
+        self._others_seen = None
         self.memory = optuna.create_study(directions=list(DIRECTIONS), sampler=sampler)
         self._scan = 0             # storage trials before this index are finished and seen
         self._prefix_complete = 0  # COMPLETE trials among them
@@ -43,6 +47,8 @@ class StudyMirror:
     def pull(self) -> int:
         """Copy finished trials new in the storage into the mirror; returns the storage's
         number of COMPLETE trials."""
+        if self._others is not None:
+            self._others_seen = self._others()  # before reading: a later write is read next time
         trials = self.study.get_trials(deepcopy=False)
         tail_complete = 0
         for i in range(self._scan, len(trials)):
@@ -67,11 +73,13 @@ class StudyMirror:
         uid = uuid.uuid4().hex
         frozen.system_attrs = {**frozen.system_attrs, UID_KEY: uid}
         with self.lock:
-            if self.pull() >= n_trials:
+            if self._others is None or self._others() != self._others_seen:
+                self.pull()
+            if self.complete >= n_trials:
                 return False
             self.study.add_trial(frozen)
             self._mine.add(uid)
-        self.complete += 1
+            self.complete += 1
         return True
 
 

@@ -260,6 +260,7 @@ def run_ray(*, run, space, spec, study_name, costs, budget, genome, sampler_kind
     before = _count_complete(study)
     _init_ray(address, workers)
     restored, rounds = False, 0
+    start = time.perf_counter()
     try:
         node = ray.get_runtime_context().get_node_id()
         server = ray.remote(_CacheServerImpl).options(
@@ -296,10 +297,12 @@ def run_ray(*, run, space, spec, study_name, costs, budget, genome, sampler_kind
                 run_config=tune.RunConfig(name=name, storage_path=str(exp_root), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
             tuner.fit()
+        loop_seconds = time.perf_counter() - start
         stats = ray.get(server.stats.remote())
         nodes = len({n["NodeID"] for n in ray.nodes() if n["Alive"]})
     finally:
         ray.shutdown()
     after = _count_complete(study)
-    return {"committed": after - before, "cache": stats, "ray_restored": restored,
+    return {"committed": after - before, "loop_seconds": loop_seconds, "cache": stats,
+            "ray_restored": restored,
             "ray_rounds": rounds, "ray_nodes": nodes}

@@ -173,7 +173,7 @@ def run_search(run_dir, options: SearchOptions = SearchOptions(), *, log=sys.std
     info = {"backend": backend, "sampler": sampler_kind, "seed": seed, "storage": spec.display,
             "study": name, "trials_target": trials, "trials_complete": summary.trials,
             "committed_by_this_process": committed, "seconds": seconds,
-            "trials_per_s": committed / seconds if seconds > 0 else None,
+            "trials_per_s": committed / extra["loop_seconds"] if extra.get("loop_seconds") else None,
             "front_size": len(summary.front), "hypervolume": summary.hypervolume,
             "reference_point": summary.reference, **extra}
     atomic_write_json(run.path / "search" / "summary.json", info)
@@ -196,6 +196,8 @@ def _run_local(*, run, space, study, lock, costs, budget: Budget, genome, sample
     objective = Objective(costs=costs, budget=budget, caches=caches)
     sampler = make_sampler(sampler_kind, seed=session_seed(seed, session),
                            population_size=population)
+    start = time.perf_counter()
     committed = run_inprocess(study=study, lock=lock, objective=objective, genome=genome,
                               sampler=sampler, n_trials=n_trials, log=log)
-    return committed, {"cache": caches.stats(), "session": session, "stale_failed": failed}
+    return committed, {"loop_seconds": time.perf_counter() - start, "cache": caches.stats(),
+                       "session": session, "stale_failed": failed}

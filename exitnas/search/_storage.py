@@ -120,6 +120,7 @@ class _JournalBackend(_journal_base()):
         self._exitnas_lock = JournalFileSymlinkLock(path, grace_period=10)
         self._exitnas_path = path
         self._last_sync = time.monotonic()
+        self.appended = 0  # bytes this process wrote (see others_wrote)
         super().__init__(path, lock_obj=self._exitnas_lock)
 
     def append_logs(self, logs) -> None:
@@ -134,6 +135,7 @@ class _JournalBackend(_journal_base()):
                     view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
+            self.appended += len(data)
         finally:
             self._exitnas_lock.release()
         if time.monotonic() - self._last_sync >= self.FSYNC_INTERVAL_S:
@@ -315,3 +317,14 @@ def sync_storage(storage) -> None:
     backend = getattr(storage, "_backend", None)
     if isinstance(backend, _JournalBackend):
         backend.sync()
+
+
+def write_counter(storage):
+    """For a journal written through :class:`_JournalBackend`: a callable returning the bytes
+    OTHER processes have appended so far (file size minus this process's own appends), which
+    changes only when someone else writes; None for other storages."""
+    backend = getattr(storage, "_backend", None)
+    if not isinstance(backend, _JournalBackend):
+        return None
+    path = backend._exitnas_path
+    return lambda: os.stat(path).st_size - backend.appended
