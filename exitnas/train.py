@@ -294,41 +294,80 @@ def sandwich_depths(space: Space, rng: random.Random, n_random: int) -> list[tup
     return out
 
 
-def _exits_loss(logits: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]
-                ) -> torch.Tensor:
-    """Half the final exit's loss plus half the mean over the early exits: the final exit keeps
-    its weight however many candidate heads there are."""
-    final = fn(logits[-1])
-    if len(logits) == 1:
-        return final
-    return 0.5 * final + 0.5 * torch.stack([fn(z) for z in logits[:-1]]).mean()
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def exits_forward(net: nn.Module, x: torch.Tensor, depths: Sequence[int], *,
+                  head_grad: float) -> list[torch.Tensor]:
+    """``net.forward_exits`` with every candidate exit at ``depths``; the gradient each early
+    head sends back into the backbone is multiplied by ``head_grad`` (0 = heads learn on
+    detached features)."""
+    exits = net.candidate_exits(depths)
+    if head_grad == 1.0:
+        return net.forward_exits(x, depths, exits)
+
+    def hook(_module, args):
+        if head_grad == 0.0:
+            return (args[0].detach(),)
+        return (_ScaleGrad.apply(args[0], head_grad),)
+
+    handles = [net.heads[e.key].register_forward_pre_hook(hook) for e in exits]
+    try:
+        return net.forward_exits(x, depths, exits)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class SandwichStep(nn.Module):
     """One supernet step as one forward (so DistributedDataParallel sees one graph): the
     largest network with every candidate exit learns from the labels; each of ``depths`` learns
-    from the largest's final exit (or from the labels when ``distill`` is off). Returns the
-    summed loss and the largest network's loss (detached)."""
+    from the largest's final exit (or from the labels when ``distill`` is off), every candidate
+    exit active. Returns the summed loss and the largest network's final-exit loss (detached).
 
-    def __init__(self, net: nn.Module, *, distill: bool, temperature: float) -> None:
+    Per pass the loss is ``L_final + head_weight × Σ_h L_h`` over the H active candidate heads,
+    and the gradient the heads send into the backbone is scaled so that the backbone sees
+    ``L_final + head_share × mean_h L_h``. Each head thus learns from its own loss at full
+    strength however many candidates there are (the mean alone would give each of dozens of
+    heads a dozenth of a learning rate), while the shared blocks are not swamped by them."""
+
+    def __init__(self, net: nn.Module, *, distill: bool, temperature: float,
+                 head_weight: float = 0.5, head_share: float = 0.0) -> None:
         super().__init__()
         self.net = net
         self.distill = distill
         self.temperature = temperature
+        self.head_weight = head_weight
+        self.head_share = head_share
+
+    def _pass(self, x, depths, fn) -> tuple[torch.Tensor, torch.Tensor]:
+        n_heads = len(self.net.candidate_exits(depths))
+        scale = self.head_share / max(1, n_heads) / self.head_weight
+        logits = exits_forward(self.net, x, depths, head_grad=scale)
+        loss = fn(logits[-1])
+        if len(logits) > 1:
+            loss = loss + self.head_weight * torch.stack([fn(z) for z in logits[:-1]]).sum()
+        return loss, logits[-1]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor,
                 depths: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net.forward_exits(x, self.net.space.max_depths)
-        largest = _exits_loss(logits, lambda z: F.cross_entropy(z, y))
-        teacher = logits[-1].detach()
-        total = largest
+        ce = lambda z: F.cross_entropy(z, y)  # noqa: E731
+        total, final = self._pass(x, self.net.space.max_depths, ce)
+        teacher = final.detach()
+        kd = (lambda z: soft_distill(z, teacher, self.temperature)) if self.distill else ce
         for d in depths:
-            out = self.net.forward_exits(x, d)
-            if self.distill:
-                total = total + _exits_loss(out, lambda z: soft_distill(z, teacher, self.temperature))
-            else:
-                total = total + _exits_loss(out, lambda z: F.cross_entropy(z, y))
-        return total, largest.detach()
+            total = total + self._pass(x, d, kd)[0]
+        return total, F.cross_entropy(teacher, y)
 
 
 @torch.no_grad()
@@ -447,7 +486,7 @@ def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
                          dist=dist, where=f"supernet epoch {epoch + 1}/{cfg.epochs}",
                          channels_last=cfg.channels_last)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss,
-               "train_loss_largest": dist.mean(torch.stack(largest_losses).mean())}
+               "train_loss_largest_final": dist.mean(torch.stack(largest_losses).mean())}
         if dist.is_main:
             row.update(_supernet_eval(net, splits, space, dist.device))
             row["seconds"] = time.perf_counter() - t0
@@ -470,5 +509,5 @@ def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
 
 __all__ = ["Dist", "distributed", "default_device", "wrap_ddp", "make_optimizer",
            "make_scheduler", "open_checkpoint", "write_metrics", "read_metrics", "run_epoch",
-           "train_batches", "sandwich_depths", "SandwichStep", "accuracy", "train_supernet",
+           "train_batches", "sandwich_depths", "SandwichStep", "exits_forward", "accuracy", "train_supernet",
            "SupernetResult", "rng_state", "set_rng_state"]

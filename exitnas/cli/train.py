@@ -72,6 +72,11 @@ class Retrain:
 
         overrides = parse_sets(args.set)
         if args.loss is not None:
+            from ..losses import LOSSES
+
+            if args.loss not in LOSSES:
+                raise ConfigError(f"unknown loss {args.loss!r} (known: {', '.join(LOSSES.names())})",
+                                  file="--loss")
             overrides["retrain.loss"] = args.loss
         if args.epochs is not None:
             if args.epochs < 1:
