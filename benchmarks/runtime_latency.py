@@ -13,10 +13,13 @@ runtime. Thresholds: one max-softmax threshold shared by all exits, bisected on 
 expected MACs / plain-backbone MACs hit each target; timed on TEST images.
 
 Timing: one intra-op thread (torch and ONNX Runtime), batch 1 (one image per call) and batch
-256. Each round times every configuration once, in a rotated order; the time ratio is the
+256; backends pt2 (the default, NCHW), pt2_nhwc (load(..., channels_last=True)) and onnx. Each round times every configuration once, in a rotated order; the time ratio is the
 median over rounds of (config time / backbone time in the same round). A second pass splits
 each configuration's time into segments, heads, exit rule + bookkeeping, and gathering the
-samples that go on.
+samples that go on (median of 3 passes); a third times every graph alone (time vs MACs along
+the network). Two extra configurations isolate overheads: ``no_exit`` (every head and rule
+evaluated, nobody leaves) and ``segments_only`` (the backbone cut into its segments, final head
+only).
 
 Writes results/runtime/{latency.csv, latency.md, breakdown.csv, graphs.csv}.
 """
@@ -80,7 +83,7 @@ def prepare(args):
     torch.set_num_threads(2)
     if not (retrain_dir(run, arch, "joint") / "model.safetensors").is_file():
         retrain(run, arch, space=space, regime="joint", splits=splits)
-    ee_dir, plain_dir = args.work / "export" / "early_exit", args.work / "export" / "plain"
+    ee_dir, plain_dir = args.work / "export" / "ee", args.work / "export" / "plain"
     if not (ee_dir / "arch.json").is_file():
         export_run(run, arch, ee_dir)
     if not (plain_dir / "arch.json").is_file():
@@ -114,6 +117,19 @@ def fit_threshold(logits: list[torch.Tensor], costs: np.ndarray, backbone: float
 def _passes(pred, x: np.ndarray | torch.Tensor, batch: int) -> None:
     for i in range(0, len(x), batch):
         pred.predict(x[i:i + batch])
+
+
+class SegmentsOnly:
+    """The early-exit model's segments chained with the final head, no early heads and no exit
+    rule: what cutting the backbone into graphs costs by itself."""
+
+    def __init__(self, p) -> None:
+        self.p = p
+
+    def predict(self, x):
+        for k in range(self.p.num_exits):
+            x = self.p.segment(k, x)
+        return self.p.head(self.p.num_exits - 1, x)
 
 
 class Timed:
@@ -187,8 +203,9 @@ def main() -> None:
 
     space, splits, ee_dir, plain_dir = prepare(args)
     torch.set_num_threads(1)
-    preds = {b: {"plain": load(plain_dir, b, threads=1), "ee": load(ee_dir, b, threads=1)}
-             for b in ("pt2", "onnx")}
+    variants = {"pt2": ("pt2", False), "pt2_nhwc": ("pt2", True), "onnx": ("onnx", False)}
+    preds = {v: {d.name: load(d, b, threads=1, channels_last=cl) for d in (plain_dir, ee_dir)}
+             for v, (b, cl) in variants.items()}
     ref = preds["pt2"]["ee"]
     backbone = float(preds["pt2"]["plain"].exit_macs[0])
     costs = ref.exit_macs.astype(np.float64)
@@ -200,18 +217,22 @@ def main() -> None:
     for target in TARGETS:
         configs[f"t{int(target * 100)}"] = (target, fit_threshold(val_logits, costs, backbone, target))
     configs["no_exit"] = (None, 2.0)  # every exit evaluated, nobody leaves: the exits' overhead
+    configs["segments_only"] = None    # the cut backbone: segments + final head, no early heads
 
     n = max(args.n1, args.n256)
-    test_u8 = splits.test.images[:n]
-    labels = splits.test.labels[:n].numpy()
-    x_t = normalize(test_u8, splits.mean, splits.std)
-    inputs = {"pt2": x_t, "onnx": x_t.numpy()}
+    pick = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(0))[:n]
+    labels = splits.test.labels[pick].numpy()  # a random subset: the folder order is by class
+    x_t = normalize(splits.test.images[pick], splits.mean, splits.std)
+    inputs = {"pt2": x_t, "pt2_nhwc": x_t, "onnx": x_t.numpy()}
     plans = [(b, 1, args.n1) for b in preds] + [(b, 256, args.n256) for b in preds]
 
-    def run_config(backend: str, name: str) -> object:
-        p = preds[backend]["plain" if name == "backbone" else "ee"]
-        if name != "backbone":
-            p.set_policy("max_softmax", (configs[name][1],) * k)
+    def runner(backend: str, name: str):
+        if name == "backbone":
+            return preds[backend]["plain"]
+        p = preds[backend]["ee"]
+        if name == "segments_only":
+            return SegmentsOnly(p)
+        p.set_policy("max_softmax", (configs[name][1],) * k)
         return p
 
     times = {(b, bs, c): [] for b, bs, _ in plans for c in configs}
@@ -219,7 +240,7 @@ def main() -> None:
     for r in range(args.rounds):
         for b, bs, count in plans:
             for c in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
-                p = run_config(b, c)
+                p = runner(b, c)
                 gc.collect()
                 t = time.perf_counter()
                 _passes(p, inputs[b][:count], bs)
@@ -230,25 +251,32 @@ def main() -> None:
     for b, bs, count in plans:
         base = np.asarray(times[(b, bs, "backbone")])
         for c in names:
-            p = run_config(b, c)
-            res = p.predict(inputs[b][:count])
+            p = runner(b, c)
             t = np.asarray(times[(b, bs, c)])
             target, thr = configs[c] if configs[c] else (None, float("nan"))
-            macs = float(res.macs.mean()) / backbone
-            val_ratio = (float("nan") if c == "backbone" else float(costs[exits_from_logits(
+            if c == "segments_only":
+                logits = np.concatenate([np.asarray(p.predict(inputs[b][i:i + bs]))
+                                         for i in range(0, count, bs)])
+                pred, exits, macs = logits.argmax(1), np.full(count, k), 1.0
+            else:
+                res = p.predict(inputs[b][:count])
+                pred, exits, macs = res.pred, res.exit, float(res.macs.mean()) / backbone
+            val_ratio = (1.0 if configs[c] is None else float(costs[exits_from_logits(
                 val_logits, "max_softmax", (thr,) * k).exit.numpy()].mean() / backbone))
             ratio = float(np.median(t / base))
-            fr = np.bincount(res.exit, minlength=p.num_exits) / count
+            fr = np.bincount(exits, minlength=k + 1) / count
             rows.append({"backend": b, "batch": bs, "config": c, "target_fraction": target,
                          "threshold": thr, "mac_ratio": macs, "time_ratio": ratio,
                          "gap_points": 100 * (ratio - macs),
                          "ms_per_sample": float(np.median(t)) * 1e3,
                          "backbone_ms_per_sample": float(np.median(base)) * 1e3,
-                         "val_mac_ratio": 1.0 if c == "backbone" else val_ratio,
-                         "accuracy": float((res.pred == labels[:count]).mean()),
+                         "val_mac_ratio": val_ratio,
+                         "accuracy": float((pred == labels[:count]).mean()),
                          "exit_fractions": " ".join(f"{f:.2f}" for f in fr)})
-            parts.append({"backend": b, "batch": bs, "config": c,
-                          **breakdown(p, inputs[b][:count], bs)})
+            if c != "segments_only":
+                runs = [breakdown(p, inputs[b][:count], bs) for _ in range(3)]
+                parts.append({"backend": b, "batch": bs, "config": c,
+                              **{key: float(np.median([r[key] for r in runs])) for key in runs[0]}})
     prof = []
     for b, bs, count in plans:
         x = inputs[b][:bs] if bs > 1 else inputs[b][:1]

@@ -16,8 +16,9 @@ DIR holds:
     *.onnx               the same graphs (dynamo exporter) when onnx + onnxscript import
 
 Every graph has a dynamic batch dimension (1 and up). The weights come from ``--weights``, else
-the retrained model (RUN/retrain/<arch id>/<regime>/), else the trained supernet with the arch's
-BatchNorm statistics recalibrated exactly as the evaluation cache does. The directory is built
+the retrained model (RUN/retrain/<arch id>/<regime>/, the config's regime first; an arch with
+the same depths and exits but other thresholds also fits), else the trained supernet with the
+arch's BatchNorm statistics recalibrated exactly as the evaluation cache does. The directory is built
 next to DIR and swapped in with one rename, so a kill -9 leaves the old or the new export whole.
 """
 from __future__ import annotations
@@ -79,7 +80,8 @@ def _supernet_source(path: Path, space: Space, arch: Arch, splits, kind: str) ->
 def _model_from_state(path: Path, state: dict, space: Space, arch: Arch) -> MultiExitModel:
     from .supernet import build_model
 
-    model = build_model(space, arch, seed=0)
+    with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: keep the RNG
+        model = build_model(space, arch)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -88,9 +90,32 @@ def _model_from_state(path: Path, state: dict, space: Space, arch: Arch) -> Mult
     return model.eval()
 
 
+def _retrained(run: RunDir, space: Space, arch: Arch):
+    """(model.safetensors, regime) retrained for ``arch``: its own id first, then archs with the
+    same depths and exits but other thresholds (thresholds do not change trained weights); the
+    config's regime first, then the others."""
+    from .errors import ArchError
+
+    root = run.path / "retrain"
+    same = []
+    for d in sorted(root.glob("*")) if root.is_dir() else []:
+        try:
+            other = Arch.from_id(d.name)
+        except ArchError:
+            continue
+        if (other.depths, other.exits) == (arch.depths, arch.exits):
+            same.append((d.name != arch.id, d))
+    for _, d in sorted(same):
+        regimes = [space.retrain.regime] + sorted(p.name for p in d.glob("*") if p.name != space.retrain.regime)
+        for regime in regimes:
+            if (d / regime / "model.safetensors").is_file():
+                yield d / regime / "model.safetensors", regime
+
+
 def resolve_weights(run: RunDir, space: Space, arch: Arch, splits,
                     weights: str | os.PathLike | None = None) -> tuple[MultiExitModel, dict]:
-    """The model to export and a description of its source (see the module docstring)."""
+    """The model to export and a description of its source: ``weights`` (a model or supernet
+    safetensors), else the retrained model (see :func:`_retrained`), else the supernet."""
     from .io import load_weights
 
     if weights is not None:
@@ -100,13 +125,9 @@ def resolve_weights(run: RunDir, space: Space, arch: Arch, splits,
             return _model_from_state(path, state, space, arch), {
                 "kind": "weights", "path": str(path), "weights": "model"}
         return _supernet_source(path, space, arch, splits, "weights")
-    retrain = run.path / "retrain" / arch.id
-    others = sorted(p.name for p in retrain.glob("*") if p.name != space.retrain.regime)
-    for regime in [space.retrain.regime, *others]:
-        path = retrain / regime / "model.safetensors"
-        if path.is_file():
-            return _model_from_state(path, load_weights(path), space, arch), {
-                "kind": "retrain", "path": str(path), "regime": regime, "weights": "model"}
+    for path, regime in _retrained(run, space, arch):
+        return _model_from_state(path, load_weights(path), space, arch), {
+            "kind": "retrain", "path": str(path), "regime": regime, "weights": "model"}
     path = run.path / "supernet" / "weights.safetensors"
     if path.is_file():
         return _supernet_source(path, space, arch, splits, "supernet")

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from test_export import _one_line_error, trained_export
+from test_export import HAVE_ONNX, _one_line_error, needs_onnx, trained_export
 
-BACKENDS = ("pt2", "onnx")
+BACKENDS = ("pt2", "onnx") if HAVE_ONNX else ("pt2",)
+BACKEND_PARAMS = ["pt2", pytest.param("onnx", marks=needs_onnx)]
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +37,7 @@ def _native(x: torch.Tensor, backend: str):
     return x if backend == "pt2" else x.numpy()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_predictions_exits_and_macs_equal_the_model(exported, predictors, backend):
     from exitnas.cost import cost_table, model_segment_macs
 
@@ -57,7 +58,7 @@ def test_predictions_exits_and_macs_equal_the_model(exported, predictors, backen
     assert empty.pred.shape == empty.exit.shape == empty.macs.shape == (0,)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_every_policy_equals_the_model(exported, predictors, backend):
     from exitnas.policy import ExitStats
 
@@ -91,7 +92,7 @@ def test_runtime_equals_the_cached_scores(exported, predictors):
     assert np.array_equal(got.pred, pred.numpy()) and np.array_equal(got.exit, idx.numpy())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("n", [1, 256])
 def test_whole_model_equals_segment_chain(predictors, backend, n):
     p = predictors[backend]
@@ -107,12 +108,28 @@ def test_whole_model_equals_segment_chain(predictors, backend, n):
         assert float(np.abs(np.asarray(w) - np.asarray(c)).max()) <= 1e-5
 
 
+def test_channels_last_option(exported):
+    """NHWC convolutions (faster on CPU): equal to float32 round-off, same early exits here."""
+    from exitnas.runtime import ExportError, load
+
+    p = load(exported["out"], "pt2", channels_last=True, check=False)
+    x, model = exported["x"], exported["model"]
+    with torch.no_grad():
+        ref = model.forward_exits(x)
+    for got, want in zip(p.all_exits(x), ref):
+        assert float((got - want).abs().max()) <= 1e-4
+    res, want = p.predict(x), model.predict(x)
+    assert np.array_equal(res.exit, want.exit.numpy()) and np.array_equal(res.pred, want.pred.numpy())
+    with pytest.raises(ExportError, match="pt2 only"):
+        load(exported["out"], "onnx", channels_last=True)
+
+
 def test_preprocess_matches_training_normalisation(exported, predictors):
     from exitnas.data import normalize
 
     splits = exported["splits"]
     images = splits.test.images
-    got = predictors["onnx"].preprocess(images.numpy())
+    got = predictors["pt2"].preprocess(images.numpy())
     assert np.array_equal(got, normalize(images, splits.mean, splits.std).numpy())
 
 
@@ -133,10 +150,10 @@ def _corrupt(kind: str, out: Path) -> str:
         (out / "segment_1.pt2").unlink()
         return "segment_1.pt2"
     if kind == "sha256":
-        data = bytearray((out / "head_0.onnx").read_bytes())
+        data = bytearray((out / "head_0.pt2").read_bytes())
         data[-1] ^= 0xFF
-        (out / "head_0.onnx").write_bytes(bytes(data))
-        return "head_0.onnx"
+        (out / "head_0.pt2").write_bytes(bytes(data))
+        return "head_0.pt2"
     if kind == "manifest":
         (out / "arch.json").unlink()
         return "arch.json"
@@ -215,7 +232,7 @@ def test_predict_cli_on_an_imagefolder_tree(exported, predictors, tmp_path):
     assert data["summary"]["mean_macs"] == pytest.approx(float(macs.mean()))
 
     files = sorted(tree.rglob("*.png"))[:3]
-    table = run_cli("predict", exported["out"], *files, "--backend", "onnx")
+    table = run_cli("predict", exported["out"], *files, "--backend", BACKENDS[-1])
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
     assert lines[0].split() == ["file", "pred", "exit", "MACs"] and len(lines) == 5
@@ -257,6 +274,7 @@ print(json.dumps({"onnx": [onnx.pred.tolist(), onnx.exit.tolist(), onnx.macs.tol
 """
 
 
+@needs_onnx
 def test_runtime_runs_without_exitnas_and_onnx_without_torch(exported, predictors, tmp_path):
     x = exported["x"]
     np.save(tmp_path / "x.npy", x.numpy())
