@@ -6,7 +6,8 @@ What is counted (one input image of the space's size, eval mode):
   pooling (1 per input element);
 - added here, because fvcore leaves them uncounted: max pooling and adaptive max pooling
   (1 per input element, the same rule fvcore uses for average pooling) and element-wise
-  add / sub / mul (1 per output element: residual adds, SDN's mixed pooling);
+  add / sub / mul and sigmoid (1 per output element: residual adds, SDN's mixed pooling and
+  its mixing weight);
 - not counted: activations (ReLU, ReLU6), flatten, padding.
 
 Segments are counted separately (stem, each block at each position, each head at each
@@ -48,6 +49,7 @@ EXTRA_HANDLES = {
     "aten::rsub": _count_output,
     "aten::mul": _count_output,
     "aten::mul_": _count_output,
+    "aten::sigmoid": _count_output,
 }
 
 

@@ -315,6 +315,11 @@ class ArchStats:
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+# Bump when what a cache holds, or how the network computes it, changes (2: sdn_pool's mix
+# weight became sigmoid(mix_logit)); older cache files are then rebuilt, never misread.
+CACHE_FORMAT = 2
+
+
 def cache_digest(net) -> str:
     """sha256 (16 hex) of the weights that define a cache: every parameter and buffer except
     BatchNorm running statistics, which are re-estimated per depth setting before each pass
@@ -333,7 +338,8 @@ def _settings_digest(space, split: str, exits: Sequence[Exit]) -> str:
     """What else changes the cached numbers: data and split settings, BN recalibration."""
     from ._config import to_dict
 
-    key = {"split": split, "data": to_dict(space.data), "bn": space.supernet.bn_calib_batches,
+    key = {"format": CACHE_FORMAT, "split": split, "data": to_dict(space.data),
+           "bn": space.supernet.bn_calib_batches,
            "seed": space.supernet.seed, "exits": [e.key for e in exits]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 

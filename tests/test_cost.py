@@ -54,8 +54,8 @@ def test_sdn_pool_head_is_not_free():
     avg_pool = 16 * 8 * 8  # fvcore's rule: one per input element
     max_pool = 16 * 8 * 8  # ours: the same rule
     mix = 3 * 16 * 4 * 4  # a*max, (1-a)*avg, their sum: one per output element
-    rsub = 1  # (1 - a) on the scalar
-    assert macs == linear + avg_pool + max_pool + mix + rsub
+    scalar = 2  # a = sigmoid(mix_logit) and (1 - a), on one number each
+    assert macs == linear + avg_pool + max_pool + mix + scalar
 
 
 def _resnet18_space():

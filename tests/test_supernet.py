@@ -109,8 +109,17 @@ def test_heads_map_features_to_logits(name):
 
 def test_sdn_pool_mixes_max_and_avg():
     head = build_head("sdn_pool", in_channels=2, num_classes=3)
-    assert head.alpha.item() == 0.5
-    assert any(p is head.alpha for p in head.parameters())
+    assert head.mix.item() == 0.5
+    assert any(p is head.mix_logit for p in head.parameters())
+    x = torch.randn(1, 2, 4, 4)
+    with torch.no_grad():
+        head.mix_logit.fill_(50.0)  # a -> 1: pure max pooling
+        pure_max = head(x)
+        head.mix_logit.fill_(-50.0)  # a -> 0: pure average pooling
+        pure_avg = head(x)
+    flat = lambda t: head.fc(torch.flatten(t, 1))  # noqa: E731
+    assert torch.allclose(pure_max, flat(head.max_pool(x)))
+    assert torch.allclose(pure_avg, flat(head.avg_pool(x)))
 
 
 def test_extract_rejects_archs_outside_the_space(tiny_space):
