@@ -36,6 +36,8 @@ class Search:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise RunDirError(f"--{name} {value}: must be >= 1")
+        if args.address and args.backend != "ray":
+            raise RunDirError(f"--address {args.address}: only used with --backend ray")
         result = run_search(args.run_dir, SearchOptions(
             trials=args.trials, budget=args.budget, path_budget=args.path_budget,
             backend=args.backend, address=args.address, storage=args.storage,
@@ -81,6 +83,9 @@ class Dashboard:
             raise RunDirError("optuna-dashboard is not installed (pip install "
                               "'exitnas[dashboard]')") from None
         storage = spec.open()
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"dashboard: warning: --host {args.host} exposes the study (and its notes "
+                  "editor) to every machine that can reach this address", file=sys.stderr)
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"dashboard: study {name!r} at http://{host}:{args.port}/dashboard/ "
               f"(storage {spec.display}); Ctrl-C stops it", flush=True)

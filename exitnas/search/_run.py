@@ -24,7 +24,7 @@ from ._budget import Budget, resolve_budget
 from ._front import FrontSummary, write_outputs
 from ._genome import Genome
 from ._objective import DIRECTIONS, METRIC_NAMES
-from ._sampler import session_seed
+from ._sampler import SAMPLERS, session_seed
 from ._storage import (SESSIONS_KEY, StorageSpec, fail_stale_trials, owner_tag, record_study,
                        resolve_study, sync_storage)
 
@@ -127,6 +127,9 @@ def quiet_optuna() -> None:
 
 
 def run_search(run_dir, options: SearchOptions = SearchOptions(), *, log=sys.stderr) -> SearchResult:
+    """Search until the run's study holds ``options.trials`` complete trials (continuing what
+    an earlier or concurrent process did), then write the front to ``RUN/search``. Progress
+    lines go to ``log`` (None: quiet)."""
     quiet_optuna()
     run = RunDir(run_dir)
     space = run.space()
@@ -139,6 +142,10 @@ def run_search(run_dir, options: SearchOptions = SearchOptions(), *, log=sys.std
     population = options.population or cfg.population_size
     if trials < 1:
         raise RunDirError(f"--trials {trials}: must be >= 1")
+    if backend not in ("optuna", "ray"):
+        raise RunDirError(f"--backend {backend!r}: expected optuna or ray")
+    if sampler_kind not in SAMPLERS:
+        raise RunDirError(f"--sampler {sampler_kind!r}: expected one of {', '.join(SAMPLERS)}")
     costs = cost_table(space)
     budget = resolve_budget(space, costs, budget=options.budget, path_budget=options.path_budget)
     weights = weights_path(run)
