@@ -142,6 +142,15 @@ class Timings:
         return out
 
 
+def record_session(path: Path, load: str) -> list[dict]:
+    """Append this session (start time, the code it imported, load) to ``sessions.json``."""
+    sessions = json.loads(path.read_text()) if path.is_file() else []
+    sessions.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                     "code": git_state(), "load": load})
+    atomic_write_json(path, sessions)
+    return sessions
+
+
 # ---- the SDN baseline ----------------------------------------------------------------------
 def sdn_positions(space: Space, costs: CostTable,
                   targets: tuple[float, ...] = SDN_TARGETS) -> list[tuple[int, int]]:
@@ -420,7 +429,8 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
                  costs: CostTable, sdn: Arch, picks: dict, search_info: dict,
                  summary: pd.DataFrame, aucs: pd.DataFrame, fid: pd.DataFrame | None,
                  taus: pd.DataFrame | None, timings: dict, load: dict, finished: list[str],
-                 run_dir: Path, pick_table: pd.DataFrame | None = None) -> None:
+                 run_dir: Path, sessions: list[dict],
+                 pick_table: pd.DataFrame | None = None) -> None:
     glines, met = goal_lines(summary)
     wide = summary.pivot_table(index=["protocol", "budget_fraction"], columns="method",
                                values="accuracy").reset_index()
@@ -430,13 +440,15 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
             for p in space.positions()}
     md = [
         "# CIFAR-10: searched early exits vs SDN's hand-placed exits", "",
-        f"Made by `launch/cifar10_benchmark.py` (scale `{scale.name}`), code at commit "
-        f"{git_state()}. Every number below is in the CSVs next to this file.", "",
+        f"Made by `launch/cifar10_benchmark.py` (scale `{scale.name}`); this README was "
+        f"written at commit {git_state()}. Every number below is in the CSVs next to this "
+        "file.", "",
         "## Command", "", f"    {command}", "",
         "Resumable: rerunning the same command continues the run directory "
-        f"`{run_dir}` step by step (the numbers here are what that command writes). It ran from a "
-        "clean checkout (`git worktree`) of the commit above, so the library code is exactly "
-        "the committed one, with the data cache of the main checkout (`EXITNAS_DATA_CACHE`).", "",
+        f"`{run_dir}` step by step (the numbers here are what that command writes). Sessions "
+        "that worked on it (the library code each one imported at its start):", "",
+        "| session started (UTC) | code | load average at start |", "|---|---|---|",
+        *[f"| {x['started']} | {x['code']} | {x['load']} |" for x in sessions], "",
         "## Data and sizes", "",
         f"- Data: CIFAR-10 (JPEG) from `{TARBALL}` (ImageFolder, 32x32 RGB); "
         f"{len(splits.train):,} train images (random subset of the 50,000, "
@@ -592,6 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     space = run.init(space)
     (run.path / "benchmark").mkdir(exist_ok=True)
     timings = Timings(run.path / "benchmark" / "timings.json")
+    sessions = record_session(run.path / "benchmark" / "sessions.json", load["start"])
     splits = load_splits(space)
     costs = cost_table(space)
     bs = space.data.eval_batch_size
@@ -640,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     write_readme(out, scale=scale, command=command, space=space, splits=splits, costs=costs,
                  sdn=sdn, picks=picks, search_info=result.summary, summary=summary, aucs=aucs,
                  fid=fid, taus=taus, timings=timings.data, load=load, finished=finished,
-                 run_dir=run.path, pick_table=_read_csv(run.path / "benchmark" / "pick_candidates.csv"))
+                 run_dir=run.path, sessions=sessions, pick_table=_read_csv(run.path / "benchmark" / "pick_candidates.csv"))
     _write_summary_md(out, summary, aucs, taus)
     log(f"done: {out}")
     print(summary.to_string(), flush=True)
