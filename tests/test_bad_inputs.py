@@ -105,7 +105,7 @@ CASES = [
                                          "policy.names=[oracle]"],
          "policy.names: unknown value 'oracle'"),
     Case("unknown_loss", lambda r, t: ["retrain", r, "--arch", ARCH, "--loss", "focal"],
-         "unknown value 'focal'"),
+         "unknown loss 'focal'"),
     Case("missing_config", lambda r, t: ["train-supernet", t / "nope.yaml", "--run-dir", r],
          "cannot read file"),
     Case("arch_depth", lambda r, t: ["retrain", r, "--arch", "d3.2~none~max_softmax="],
