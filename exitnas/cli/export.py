@@ -95,7 +95,8 @@ def _summary(rows: list[dict], predictor) -> dict:
     n = len(rows)
     mean = sum(r["macs"] for r in rows) / n
     counts = [sum(r["exit"] == k for r in rows) for k in range(predictor.num_exits)]
-    labelled = [r for r in rows if r["label"] is not None]
+    known = set(predictor.classes)  # folder names that are not class names are no labels
+    labelled = [r for r in rows if r["label"] in known]
     out = {"images": n, "mean_macs": mean, "relative_macs": mean / predictor.backbone_macs,
            "exit_counts": dict(zip(predictor.exit_names, counts))}
     if labelled:
@@ -116,5 +117,5 @@ def _print(rows: list[dict], predictor, fmt: str) -> None:
             f"({summary['relative_macs']:.3f} of the backbone); exits: "
             + ", ".join(f"{k} {v}" for k, v in summary["exit_counts"].items()))
     if "accuracy" in summary:
-        line += f"; accuracy {summary['accuracy']:.3f} (labels from folder names)"
+        line += f"; accuracy {summary['accuracy']:.3f} (labels from class-named folders)"
     print(line)
