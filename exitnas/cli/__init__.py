@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except ExitnasError as err:
         print(f"exitnas: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("exitnas: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
