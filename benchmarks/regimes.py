@@ -181,7 +181,7 @@ def main() -> None:
     run_dir.init(space)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    summary, per_exit, curves, notes, timing = [], [], {}, [], {}
+    summary, per_exit, curves, notes, timing, logs = [], [], {}, [], {}, {}
     for regime in args.regimes.split(","):
         phase1 = {}
 
@@ -194,6 +194,7 @@ def main() -> None:
         result = retrain(run_dir, arch, space=space, regime=regime, splits=splits,
                          on_phase_start=on_phase)
         timing[regime] = time.perf_counter() - t
+        logs[regime] = (result.out / "metrics.csv").read_text()
         model = result.model.to(device)
         val_arr = exit_stats(model, splits.val, splits, device)
         test_arr = exit_stats(model, splits.test, splits, device)
@@ -223,6 +224,8 @@ def main() -> None:
     exits_df = pd.DataFrame(per_exit)[["regime", "exit", "name", "macs", "relative_macs",
                                        "accuracy"]]
     exits_df.to_csv(out / "per_exit.csv", index=False, float_format="%.3f")
+    for regime, text in logs.items():
+        (out / f"metrics_{regime}.csv").write_text(text)
     pd.concat([c.assign(regime=r) for r, c in curves.items()])[
         ["regime", "threshold", "accuracy", "relative_macs"]].to_csv(
         out / "sweep_test.csv", index=False, float_format="%.3f")
@@ -348,6 +351,8 @@ epochs per regime; meant for a GPU.)
   backbone), threshold, val_accuracy.
 - `per_exit.csv`: regime, exit (1-based; 0 = the phase-1 backbone's final exit), name, macs
   (C_k), relative_macs, accuracy (test).
+- `metrics_<regime>.csv`: the per-epoch training log (phase, lr, train loss, val accuracy of
+  every exit).
 - `sweep_test.csv`: the whole test curve of each regime. `summary.md`: the tables below.
   `regimes.png`: test accuracy vs relative MACs (sweep) and per exit.
 

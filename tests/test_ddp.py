@@ -126,7 +126,15 @@ def test_one_process_under_torchrun_equals_a_plain_run(tmp_path, tiny_space_file
     assert r.returncode == 0, r.stderr[-3000:]
     assert _same_weights(tmp_path / "plain" / "supernet" / "weights.safetensors",
                          tmp_path / "ddp" / "supernet" / "weights.safetensors")
-    # retraining too (mixed: both phases, a fresh DDP wrapper per phase)
+
+
+@pytest.mark.slow
+def test_one_process_under_torchrun_retrains_like_a_plain_run(tmp_path, tiny_space_file):
+    """Mixed: both phases, a fresh DDP wrapper per phase."""
+    for sub in ("plain", "ddp"):
+        r = run_cli("train-supernet", tiny_space_file, "--run-dir", tmp_path / sub,
+                    "--set", "supernet.epochs=1", env={"OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
     retrain = ["retrain", "--arch", ARCH, "--regime", "mixed", "--epochs", "2"]
     r = run_cli(retrain[0], tmp_path / "plain", *retrain[1:], env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
@@ -136,6 +144,7 @@ def test_one_process_under_torchrun_equals_a_plain_run(tmp_path, tiny_space_file
     assert _same_weights(tmp_path / "plain" / sub, tmp_path / "ddp" / sub)
 
 
+@pytest.mark.slow
 def test_two_processes_retrain_every_phase(tmp_path, tiny_space_file):
     run = tmp_path / "run"
     r = run_cli("train-supernet", tiny_space_file, "--run-dir", run, "--set", "supernet.epochs=1")

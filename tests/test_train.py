@@ -45,8 +45,8 @@ def test_one_step_trains_every_block_and_every_candidate_head(tiny_space):
     assert len(net.heads) == len(net.candidate_exits(tiny_space.max_depths)) > 4
     for name, p in net.named_parameters():
         assert p.grad is not None, name
-        if name.endswith(".alpha") and name.startswith("heads.s1"):
-            continue  # sdn_pool on a 4x4 map: max pool = avg pool, so d/d alpha is exactly 0
+        if name.endswith(".mix_logit") and name.startswith("heads.s1"):
+            continue  # sdn_pool on a 4x4 map: max pool = avg pool, so d/d mix is exactly 0
         assert p.grad.abs().sum() > 0, name
 
 
@@ -145,9 +145,6 @@ def test_cli_refuses_a_run_dir_of_another_space(tmp_path, tiny_space_file):
     r = run_cli("train-supernet", ROOT / "search_spaces" / "quickstart.yaml", "--run-dir", rd)
     assert r.returncode == 2 and "belongs to space 'tiny'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = run_cli("train-supernet", tiny_space_file, "--run-dir", rd, "--set", "supernet.epochs=1",
-                "--set", "supernet.seed=5")
-    assert r.returncode == 2 and "supernet.seed=0, this run has supernet.seed=5" in r.stderr
     assert tree_digest(rd) == before
 
 
@@ -195,9 +192,9 @@ def kill_and_resume(cmd_args, out_rel, tmp_path, env):
 
 def test_kill_9_mid_epoch_then_rerun_gives_identical_weights(tmp_path, tiny_space_file):
     cmd = ["train-supernet", str(tiny_space_file), "--run-dir", "{RUN}",
-           "--set", "supernet.epochs=6", "--set", "data.synthetic_size=1536"]
+           "--set", "supernet.epochs=4", "--set", "data.synthetic_size=1024"]
     a, b, killed_at = kill_and_resume(cmd, "supernet", tmp_path, {"OMP_NUM_THREADS": "1"})
-    assert 1 <= killed_at < 6
+    assert 1 <= killed_at < 4
     assert _weights_equal(a / "weights.safetensors", b / "weights.safetensors")
     la = [r["train_loss"] for r in read_metrics(a / "metrics.csv")]
     assert la == [r["train_loss"] for r in read_metrics(b / "metrics.csv")]
@@ -223,11 +220,9 @@ def _exit_accuracies(space, weights, depth_settings):
     return out
 
 
-def _check_quickstart(tmp_path, quick_space, epochs, settings, head_floor):
+def _check_quickstart(tmp_path, space, settings, head_floor):
     """Chance is 0.1. Per depth setting: the final exit >= 0.9; at every exit position the best
-    head >= 0.5; every head design at every position >= ``head_floor`` (GAP heads right after
-    the stem learn slowest)."""
-    space = quick_space.with_overrides({"supernet.epochs": epochs})
+    head >= 0.5; every head at every position >= ``head_floor``."""
     result = train_supernet(RunDir(tmp_path / "run"), space, log=None)
     accs = _exit_accuracies(space, result.weights, settings)
     for depths, per_exit in accs.items():
@@ -237,18 +232,22 @@ def _check_quickstart(tmp_path, quick_space, epochs, settings, head_floor):
             pos = name.split("=")[0]
             best[pos] = max(best.get(pos, 0.0), a)
         assert min(best.values()) >= 0.5, (depths, best)
-        if head_floor is not None:
-            assert min(per_exit.values()) >= head_floor, (depths, per_exit)
+        assert min(per_exit.values()) >= head_floor, (depths, per_exit)
     return accs
 
 
 def test_quickstart_sub_networks_beat_chance_at_every_exit_fast(tmp_path, quick_space):
-    """4 epochs; the largest, the smallest and a middle depth setting."""
-    _check_quickstart(tmp_path, quick_space, 4, [quick_space.max_depths, quick_space.min_depths,
-                                                 (2, 2, 1)], head_floor=None)
+    """3 epochs, SDN-pool heads only (so the supernet is small); every exit of the largest, the
+    smallest and a middle depth setting >= 0.5."""
+    space = quick_space.with_overrides({"supernet.epochs": 3, "supernet.random_subnets": 1,
+                                        "exits.heads": ["sdn_pool"]})
+    _check_quickstart(tmp_path, space, [space.max_depths, space.min_depths, (2, 2, 1)],
+                      head_floor=0.5)
 
 
 @pytest.mark.slow
 def test_quickstart_sub_networks_beat_chance_at_every_exit(tmp_path, quick_space):
-    """The shipped 8 epochs; every depth setting of the space; every head >= 2x chance."""
-    _check_quickstart(tmp_path, quick_space, 8, quick_space.depth_settings(), head_floor=0.2)
+    """The shipped quickstart space (all 4 head designs, 8 epochs) at every depth setting: the
+    best head at every position >= 0.5 and every head >= 3x chance (GAP heads right after the
+    stem learn slowest)."""
+    _check_quickstart(tmp_path, quick_space, quick_space.depth_settings(), head_floor=0.3)
