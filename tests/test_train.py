@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TEST_DATA, run_cli, tree_digest
+from conftest import ROOT, run_cli, tree_digest
 from exitnas.data import batches, load_splits
 from exitnas.errors import CheckpointError, TrainingError
 from exitnas.io import load_checkpoint, load_weights
