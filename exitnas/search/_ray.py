@@ -134,8 +134,9 @@ def _trial(config: dict, context: _WorkerContext) -> None:
         time.sleep(float(os.environ[SLEEP_ENV]))
     record = objective(context.genome.decode(config))
     node = ray.get_runtime_context().get_node_id()
+    worker = f"{node[:12]}/{os.getpid()}"
     tune.report({"accuracy": record.accuracy, "expected_macs": record.expected_macs,
-                 RESULT_KEY: json.dumps({**record.to_json(), "worker": f"{node[:12]}/{os.getpid()}"})})
+                 RESULT_KEY: json.dumps({**record.to_json(), "worker": worker})})
 
 
 # ---- the searcher ----------------------------------------------------------------------------
@@ -285,18 +286,17 @@ def run_ray(*, run, space, spec, study_name, costs, budget, genome, sampler_kind
             name = f"tune-{session}"
             atomic_write_json(state_path, {"experiment": name, "study": study_name,
                                            "target": n_trials})
+            sampler = make_sampler(sampler_kind, seed=session_seed(seed, session),
+                                   population_size=population)
             searcher = StudySearch(genome=genome, target=n_trials, storage=spec.open(),
-                                   study_name=study_name,
-                                   sampler=make_sampler(sampler_kind, seed=session_seed(seed, session),
-                                                        population_size=population))
-            missing = n_trials - _count_complete(study)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers),
-                                            num_samples=missing, reuse_actors=True),
-                run_config=tune.RunConfig(name=name, storage_path=str(exp_root), verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
-            tuner.fit()
+                                   study_name=study_name, sampler=sampler)
+            tune_config = tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers),
+                num_samples=n_trials - _count_complete(study), reuse_actors=True)
+            run_config = tune.RunConfig(
+                name=name, storage_path=str(exp_root), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=MAX_FAILURES))
+            tune.Tuner(trainable, tune_config=tune_config, run_config=run_config).fit()
         loop_seconds = time.perf_counter() - start
         stats = ray.get(server.stats.remote())
         nodes = len({n["NodeID"] for n in ray.nodes() if n["Alive"]})
@@ -304,5 +304,4 @@ def run_ray(*, run, space, spec, study_name, costs, budget, genome, sampler_kind
         ray.shutdown()
     after = _count_complete(study)
     return {"committed": after - before, "loop_seconds": loop_seconds, "cache": stats,
-            "ray_restored": restored,
-            "ray_rounds": rounds, "ray_nodes": nodes}
+            "ray_restored": restored, "ray_rounds": rounds, "ray_nodes": nodes}
