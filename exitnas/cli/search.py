@@ -20,8 +20,8 @@ class Search:
         p.add_argument("--path-budget", help="worst-case path MACs budget, same units")
         p.add_argument("--backend", choices=("optuna", "ray"), help="default: search.backend")
         p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
-        p.add_argument("--storage", help="SQLAlchemy URL or journal file (default: "
-                       "RUN/search/study.log; also $EXITNAS_STORAGE)")
+        p.add_argument("--storage", help="SQLAlchemy URL or journal file (default: $EXITNAS_STORAGE, "
+                       "else the storage this run used last, else RUN/search/study.log)")
         p.add_argument("--study-name", help="default: exitnas-<space>-<run dir name>")
         p.add_argument("--sampler", choices=("nsga2", "random"))
         p.add_argument("--seed", type=int)
