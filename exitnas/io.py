@@ -77,8 +77,9 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     with open(path, "rb") as fh:
-        head = fh.read(16)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+        head = fh.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header ('{')
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise CheckpointError(f"{path}: is a pickle / torch.save archive, not safetensors; refusing to load it")
     try:
         return load_file(str(path))

@@ -59,12 +59,15 @@ def read_safetensors_header(path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} from a safetensors header; refuses pickles and zips."""
     path = Path(path)
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        head = fh.read(9)
+        # safetensors starts with an 8-byte header length (any first byte, 0x80 included)
+        # followed by the JSON header; a pickle starts 0x80, a torch.save zip "PK"
+        if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise ExportError(f"{path}: is a pickle / torch.save archive, not safetensors; "
                               "refusing to load it")
+        fh.seek(8)
         try:
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", head[:8])
             if n > path.stat().st_size:
                 raise ValueError("header longer than the file")
             meta = json.loads(fh.read(n))
