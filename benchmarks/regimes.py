@@ -1,7 +1,7 @@
 """Joint vs disjoint vs mixed training of one fixed multi-exit CIFAR ResNet (seed paper:
 Kubaty et al., "How to train your multi-exit model?").
 
-    .venv/bin/python benchmarks/regimes.py                 # CPU size (~25 min on 2 free cores)
+    .venv/bin/python benchmarks/regimes.py                 # CPU size (~30 min, 1 thread, shared machine)
     .venv/bin/python benchmarks/regimes.py --full          # full scale, meant for a GPU
 
 Model: ResNet-20 (width 16, depths 3/3/3) with 4 exits: SDN-pool heads after stage-0 block 1,
@@ -149,11 +149,11 @@ def main() -> None:
                    help="full scale: all 50k train images, 10k test, 60 epochs per regime")
     p.add_argument("--train-subset", type=int, default=10_000)
     p.add_argument("--test-subset", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--regimes", default=",".join(REGIMES))
     p.add_argument("--run-dir", default=str(ROOT / "runs" / "regimes"))
