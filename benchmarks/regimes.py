@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from exitnas.arch import Arch  # noqa: E402
 from exitnas.cost import cost_table  # noqa: E402
-from exitnas.data import batches, load_splits  # noqa: E402
+from exitnas.data import extract_tarball, batches, load_splits  # noqa: E402
 from exitnas.policy import ExitStats  # noqa: E402
 from exitnas.retrain import REGIMES, retrain  # noqa: E402
 from exitnas.rundir import RunDir  # noqa: E402
@@ -48,13 +47,9 @@ THRESHOLDS = np.linspace(0.0, 1.0, 100)
 
 def cifar_root() -> Path:
     cache = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))
-    if not (cache / "test").is_dir():
-        if not TARBALL.is_file():
-            sys.exit(f"regimes: CIFAR-10 (JPEG) tarball not found at {TARBALL}")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(TARBALL) as tar:
-            tar.extractall(cache, filter="data")
-    return cache
+    if not TARBALL.is_file() and not (cache / "test").is_dir():
+        sys.exit(f"regimes: CIFAR-10 (JPEG) tarball not found at {TARBALL}")
+    return extract_tarball(TARBALL, cache)
 
 
 def make_space(args, root: Path):

@@ -30,7 +30,6 @@ import gc
 import os
 import platform
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exitnas.arch import Arch  # noqa: E402
-from exitnas.data import load_splits, normalize  # noqa: E402
+from exitnas.data import extract_tarball, load_splits, normalize  # noqa: E402
 from exitnas.export import export_run, write_export  # noqa: E402
 from exitnas.model import MultiExitModel, exits_from_logits  # noqa: E402
 from exitnas.retrain import load_retrained, retrain, retrain_dir  # noqa: E402
@@ -61,13 +60,9 @@ COLUMNS = ["backend", "batch", "config", "target_fraction", "threshold", "mac_ra
 
 def cifar_root() -> Path:
     cache = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))
-    if not (cache / "test").is_dir():
-        if not TARBALL.is_file():
-            sys.exit(f"runtime_latency: CIFAR-10 (JPEG) tarball not found at {TARBALL}")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(TARBALL) as tar:
-            tar.extractall(cache, filter="data")
-    return cache
+    if not TARBALL.is_file() and not (cache / "test").is_dir():
+        sys.exit(f"runtime_latency: CIFAR-10 (JPEG) tarball not found at {TARBALL}")
+    return extract_tarball(TARBALL, cache)
 
 
 def prepare(args):

@@ -39,10 +39,8 @@ import json
 import os
 import platform
 import pwd
-import random
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -231,3 +231,19 @@ def batches(data: TensorSet, *, batch_size: int, mean: tuple[float, ...], std: t
         if augment_images:
             images = augment(images, g)
         yield normalize(images, mean, std), data.labels[idx]
+
+
+def extract_tarball(tarball: str | Path, dest: str | Path) -> Path:
+    """Extract an ImageFolder tarball (``train/<class>/*``, ``test/<class>/*``) into ``dest``
+    once, for ``data.dataset: imagefolder``; returns ``dest``. Members that would escape
+    ``dest`` are refused (tarfile's ``data`` filter)."""
+    import tarfile
+
+    dest, tarball = Path(dest), Path(tarball)
+    if not (dest / "test").is_dir():
+        if not tarball.is_file():
+            raise DataError(f"{tarball}: tarball not found")
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarball) as tar:
+            tar.extractall(dest, filter="data")
+    return dest

@@ -91,7 +91,7 @@ def run_pipeline(run: RunDir, space: Space, *, log: Callable[[str], None] = prin
         log(f"      {out}   (try: exitnas predict {out} IMAGE...)")
 
     log(f"[5/5] report -> {run.path / 'report'}")
-    report = write_report(run)
+    write_report(run)
     log(f"done: {run.path}. Next: exitnas dashboard {run.path} | exitnas predict "
         f"{exports[0] if exports else 'EXPORT_DIR'} IMAGES...")
     return RunResult(run.path, tuple(archs), tuple(exports), run.path / "report")

@@ -13,7 +13,6 @@ Every error names the file and the field path, e.g. ``stages[2].depths: 0 is not
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path

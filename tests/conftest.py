@@ -5,7 +5,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -55,9 +54,7 @@ def cifar10_root(tmp_path_factory) -> Path:
     layout: train/<class>, test/<class>). Skips where the tarball is absent."""
     if not CIFAR_TAR.is_file():
         pytest.skip(f"CIFAR-10 (JPEG) tarball not found at {CIFAR_TAR}")
+    from exitnas.data import extract_tarball
+
     cache = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))
-    if not (cache / "test").is_dir():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(CIFAR_TAR) as tar:
-            tar.extractall(cache, filter="data")
-    return cache
+    return extract_tarball(CIFAR_TAR, cache)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from conftest import ROOT, TEST_DATA, run_cli
 
@@ -19,8 +18,6 @@ SETS = ["--set", "search.trials=12", "--set", "supernet.epochs=2", "--set", "ret
 
 def _complete_trials(run_dir) -> int:
     import optuna
-
-    from exitnas.search import open_study  # noqa: F401  (the study name is recorded by search)
 
     info = json.loads((run_dir / "search" / "summary.json").read_text())
     storage = optuna.storages.JournalStorage(

@@ -11,7 +11,6 @@ that the front dominates inside the feasible box.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
