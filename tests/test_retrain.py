@@ -52,7 +52,7 @@ def test_every_regime_gets_the_same_total_epochs(epochs, fraction):
     assert {len(p) for p in plans.values()} == {epochs}
     assert plans["joint"] == [2] * epochs
     p1 = plans["disjoint"].count(1)
-    assert 1 <= p1 <= epochs - 1
+    assert p1 in range(1, epochs)
     assert plans["disjoint"] == [1] * p1 + [3] * (epochs - p1)
     assert plans["mixed"] == [1] * p1 + [2] * (epochs - p1)
 
