@@ -84,3 +84,18 @@ def test_distinct_networks_keep_the_cheapest_of_threshold_variants(bench):
              {"arch_id": a1, "expected_macs": 8.0}]
     assert [r["arch_id"] for r in bench.distinct_networks(front)] == [a1, b]
     assert Arch.from_id(a1).exits == Arch.from_id(a2).exits
+
+
+def test_fidelity_candidates_top_up_the_front_from_the_next_layer(bench):
+    def row(trial, arch_id, acc, macs, feasible=True):
+        return {"trial": trial, "arch_id": arch_id, "accuracy": acc, "expected_macs": macs,
+                "relative_cost": macs / 100, "feasible": feasible}
+
+    trials = [row(0, "d1.1.1~s0b0=linear~max_softmax=0.6", 0.50, 10.0),
+              row(1, "d1.1.1~s0b0=linear~max_softmax=0.9", 0.52, 11.0),   # same network
+              row(2, "d2.1.1~s0b0=conv~max_softmax=0.7", 0.60, 20.0),
+              row(3, "d2.2.1~s1b0=conv~max_softmax=0.7", 0.55, 21.0),     # layer 2
+              row(4, "d3.3.3~s1b0=conv~max_softmax=0.7", 0.90, 90.0, feasible=False)]
+    got = bench.fidelity_candidates(trials, 3)
+    assert [(r["trial"], r["layer"]) for r in got] == [(0, 1), (2, 1), (3, 2)]
+    assert [r["trial"] for r in bench.fidelity_candidates(trials, 2)] == [0, 2]
