@@ -19,7 +19,8 @@ On CIFAR-10 (JPEG, ``/work/shared/data/cifar10-jpeg.tar.gz`` extracted into
    accuracy vs val accuracy after a short, equal retraining of each; Kendall's tau.
 
 Every step resumes from the run directory (``runs/cifar10-bench`` by default): rerun the same
-command after a kill. Results go to ``results/cifar10/`` (``--out``); stage wall times are kept
+command after a kill. ``RUN/benchmark/notes.md``, if present, is copied into the README as the
+run's history (aborted sessions, stages redone). Results go to ``results/cifar10/`` (``--out``); stage wall times are kept
 in ``RUN/benchmark/timings.json`` and summed over resumed sessions.
 """
 from __future__ import annotations
@@ -560,7 +561,8 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
         f"**Goal {'met' if met else 'NOT met'}** at this scale.", "",
         "![curves](curves.png)", "",
         *_phase_lines(run_dir, [*picks.values(), sdn], rt.regime),
-        *([] if met else _not_met_lines(run_dir, splits, space, scale, summary, taus)),
+        *([] if met else _not_met_lines(run_dir, splits, space, scale, summary, taus,
+                                        [a.id for a in picks.values()])),
         "## AUC (accuracy vs relative MACs on [0, 1])", "",
         markdown(aucs), ""]
     if fid is not None:
@@ -577,6 +579,9 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
                markdown(taus), markdown(fid.drop(columns=["kendall_tau", "kendall_p"])), ""]
     else:
         md += ["## Ranking fidelity", "", "Not finished in this session.", ""]
+    notes = run_dir / "benchmark" / "notes.md"
+    if notes.is_file():  # hand-written history of the run (aborted sessions, changed stages)
+        md += ["## Run history (notes kept in the run directory)", "", notes.read_text(), ""]
     md += ["## Files", "",
            "- `summary.csv`: method, budget_fraction, accuracy (test), protocol (sweep / "
            "budgeted), the test cost and val accuracy/cost of the val-chosen point, its arch "
@@ -613,9 +618,18 @@ def _phase_lines(run_dir: Path, archs: list[Arch], regime: str) -> list[str]:
 
 
 def _not_met_lines(run_dir: Path, splits: Splits, space: Space, scale: Scale,
-                   summary: pd.DataFrame, taus: pd.DataFrame | None) -> list[str]:
+                   summary: pd.DataFrame, taus: pd.DataFrame | None,
+                   searched: list[str]) -> list[str]:
     """Why the goal is missed at this scale and what would close it."""
     sm = pd.read_csv(run_dir / "supernet" / "metrics.csv").iloc[-1]
+    drops = []  # searched models whose final exit lost > 2 points in phase 2
+    for arch in dict.fromkeys(searched):
+        path = run_dir / "retrain" / arch / space.retrain.regime / "metrics.csv"
+        m = pd.read_csv(path) if path.is_file() else None
+        if m is not None and (m["phase"] == 1).any():
+            p1, end = m[m["phase"] == 1]["val_acc_final"].iloc[-1], m["val_acc_final"].iloc[-1]
+            if end < p1 - 0.02:
+                drops.append((arch, p1, end))
     per_epoch = pd.read_csv(run_dir / "supernet" / "metrics.csv")["seconds"].median()
     full = SCALES["full"].overrides
     hours = per_epoch * 45_000 / len(splits.train) * full["supernet.epochs"] / 3600
@@ -634,8 +648,10 @@ def _not_met_lines(run_dir: Path, splits: Splits, space: Space, scale: Scale,
         + ". Single-seed differences of ~1-2 points between retrained models are within "
         "run-to-run spread.",
         "- The `mixed` regime's phase 2 restarts at the peak learning rate with fresh heads; "
-        "with only a few epochs it can leave a model's final exit below where phase 1 left it "
-        "(table above), which hits one model or another at random at this scale.",
+        "with only a few epochs it can leave a model's final exit below where phase 1 left it"
+        + ("".join(f" (`{a}`: {100 * p1:.1f} -> {100 * end:.1f} %)" for a, p1, end in drops)
+           + ". Pooling the searched models with val-selected operating points then falls "
+           "back to the other searched model at that budget" if drops else "") + ".",
         "- What would close it: the same script at full scale (`--full`: all 45,000 train "
         f"images, {full['supernet.epochs']} supernet epochs, {full['retrain.epochs']} "
         f"retraining epochs, {full['search.trials']} trials) on a GPU; on these 2 CPU cores "
