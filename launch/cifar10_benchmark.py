@@ -525,8 +525,7 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
         f"- Threads: torch {torch.get_num_threads()}; channels_last "
         f"{sn.channels_last}/{rt.channels_last} (supernet/retrain).", "",
         "## Machine", "",
-        f"{os.cpu_count()}-core {platform.processor() or 'AMD EPYC'} CPU "
-        f"({_cpu_model()}), no GPU, shared with other jobs while it ran: load average "
+        f"{os.cpu_count()}-core {_cpu_model()} CPU ({platform.machine()}), no GPU, shared with other jobs while it ran: load average "
         f"{load.get('start', '?')} at the start of the last session, {load.get('end', '?')} "
         "at its end. Wall times are therefore upper bounds on single-job times.", "",
         "| stage | wall time (s) | sessions |", "|---|---|---|",
@@ -657,8 +656,7 @@ def _not_met_lines(run_dir: Path, splits: Splits, space: Space, scale: Scale,
         f"retraining epochs, {full['search.trials']} trials) on a GPU; on these 2 CPU cores "
         f"the supernet alone would take ~{hours:.0f} h. Short of that, longer schedules (tens "
         "of supernet epochs, >= 30 retraining epochs), several seeds per model, and a lower "
-        "phase-2 learning rate are the levers; a MACs-aware pick of heads other than "
-        "`sdn_pool` only helps once the supernet's heads are trained well enough to rank.", ""]
+        "phase-2 learning rate are the levers.", ""]
 
 
 def _pick_lines(table: pd.DataFrame | None, picks: dict) -> list[str]:
