@@ -525,9 +525,10 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
         f"- Threads: torch {torch.get_num_threads()}; channels_last "
         f"{sn.channels_last}/{rt.channels_last} (supernet/retrain).", "",
         "## Machine", "",
-        f"{os.cpu_count()}-core {_cpu_model()} CPU ({platform.machine()}), no GPU, shared with other jobs while it ran: load average "
-        f"{load.get('start', '?')} at the start of the last session, {load.get('end', '?')} "
-        "at its end. Wall times are therefore upper bounds on single-job times.", "",
+        f"{os.cpu_count()}-core {_cpu_model()} CPU ({platform.machine()}), no GPU, shared with other jobs while it ran (load average at the start "
+        "of every session in the table above; this last session ended at "
+        f"{load.get('end', '?')}). Wall times are therefore upper bounds on single-job "
+        "times.", "",
         "| stage | wall time (s) | sessions |", "|---|---|---|",
         *[f"| {k} | {v['seconds']:.0f} | {v['sessions']} |" for k, v in timings.items()],
         f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | |", "",
