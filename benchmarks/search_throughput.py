@@ -141,23 +141,31 @@ def asktell_on_storage(run: Path, path: Path, trials: int, store, space) -> dict
     return {"trials": trials, "seconds": seconds, "trials_per_s": trials / seconds}
 
 
-def breakdown(run: Path, trials: int, store, space) -> list[dict]:
-    """The in-process loop (StudyMirror + commit) with a timer around each phase."""
+def scratch_loop(space, store, sampler):
+    """(objective, genome, mirror, journal path) of the in-process loop on a throw-away
+    journal study, for timing the loop's parts by hand."""
     import optuna
 
     from exitnas.cost import cost_table
-    from exitnas.search import Genome, Objective, make_sampler, resolve_budget
+    from exitnas.search import Genome, Objective, resolve_budget
     from exitnas.search._inprocess import StudyMirror
     from exitnas.search._storage import FileLock, journal_backend
 
     costs = cost_table(space)
     objective = Objective(costs=costs, budget=resolve_budget(space, costs), caches=store)
-    genome = Genome(space)
     path = Path(tempfile.mkdtemp()) / "study.log"
     study = optuna.create_study(storage=optuna.storages.JournalStorage(journal_backend(str(path))),
                                 directions=["maximize", "minimize"])
-    mirror = StudyMirror(study, make_sampler("nsga2", seed=0, population_size=24),
-                         FileLock(str(path) + ".exitnas-lock"))
+    mirror = StudyMirror(study, sampler, FileLock(str(path) + ".exitnas-lock"))
+    return objective, Genome(space), mirror, path
+
+
+def breakdown(run: Path, trials: int, store, space) -> list[dict]:
+    """The in-process loop (StudyMirror + commit) with a timer around each phase."""
+    from exitnas.search import make_sampler
+
+    objective, genome, mirror, path = scratch_loop(
+        space, store, make_sampler("nsga2", seed=0, population_size=24))
     phases = {k: 0.0 for k in ("ask", "suggest (NSGA-II sampling)", "decode", "score",
                                "attrs + tell (memory)", "commit (lock, pull, write)")}
     for _ in range(trials):
@@ -306,24 +314,16 @@ def scaling(run: Path, trials: int, stock_trials: int, store, space) -> list[dic
     for ``stock_trials``."""
     import optuna
 
-    from exitnas.cost import cost_table
-    from exitnas.search import Genome, Objective, resolve_budget
-    from exitnas.search._inprocess import StudyMirror
-    from exitnas.search._storage import FileLock, journal_backend, parse_storage
+    from exitnas.search._storage import parse_storage
 
     inprocess(run, None, "tp-scaling", trials)
     study = optuna.load_study(study_name="tp-scaling",
                               storage=parse_storage(str(run / "search" / "study.log")).open())
     out = _per_thousand(sorted(t.datetime_complete for t in study.get_trials()),
                         "IndexedNSGAIISampler (exitnas)")
-    costs = cost_table(space)
-    objective = Objective(costs=costs, budget=resolve_budget(space, costs), caches=store)
-    genome = Genome(space)
-    path = Path(tempfile.mkdtemp()) / "study.log"
-    study = optuna.create_study(storage=optuna.storages.JournalStorage(journal_backend(str(path))),
-                                directions=["maximize", "minimize"])
-    mirror = StudyMirror(study, optuna.samplers.NSGAIISampler(population_size=24, seed=0),
-                         FileLock(str(path) + ".exitnas-lock"))
+    objective, genome, mirror, path = scratch_loop(
+        space, store, optuna.samplers.NSGAIISampler(population_size=24, seed=0))
+    study = mirror.study
     for _ in range(stock_trials):
         trial = mirror.memory.ask()
         record = objective(genome.decode(genome.suggest(trial)))

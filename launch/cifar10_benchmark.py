@@ -31,7 +31,6 @@ import os
 import platform
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +45,8 @@ import torch  # noqa: E402
 from exitnas import protocols as P  # noqa: E402
 from exitnas.arch import Arch, Exit  # noqa: E402
 from exitnas.cost import CostTable, cost_table  # noqa: E402
-from exitnas.data import Splits, TensorSet, batches, load_splits  # noqa: E402
-from exitnas.evaluate import ArchStats, load_or_build_cache, score  # noqa: E402
+from exitnas.data import Splits, TensorSet, batches, extract_tarball, load_splits  # noqa: E402
+from exitnas.evaluate import ArchStats, load_or_build_cache  # noqa: E402
 from exitnas.io import atomic_write_json, atomic_write_text  # noqa: E402
 from exitnas.pipeline import spread  # noqa: E402
 from exitnas.report import markdown  # noqa: E402
@@ -104,13 +103,9 @@ SCALES = {
 def extract_cifar(dest: Path = DATA) -> Path:
     """The CIFAR-10 (JPEG) tarball extracted once (ImageFolder layout train/ test/), as the
     tests' ``cifar10_root`` fixture does."""
-    if not (dest / "test").is_dir():
-        if not TARBALL.is_file():
-            sys.exit(f"CIFAR-10 (JPEG) tarball not found at {TARBALL}")
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(TARBALL) as tar:
-            tar.extractall(dest, filter="data")
-    return dest
+    if not TARBALL.is_file() and not (dest / "test").is_dir():
+        sys.exit(f"CIFAR-10 (JPEG) tarball not found at {TARBALL}")
+    return extract_tarball(TARBALL, dest)
 
 
 def head_of_train(splits: Splits, n: int | None) -> Splits:
