@@ -11,6 +11,7 @@ and is not listed.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -18,6 +19,80 @@ from dataclasses import dataclass
 from .errors import ArchError
 from .policy import get_policy
 from .space import Space
+
+
+# The id grammar, as an allowlist: numbers of bounded length, names as Python identifiers.
+_INT = r"\d{1,6}"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_NUM = r"[-+]?(?:\d{1,20}(?:\.\d{0,20})?|\.\d{1,20})(?:[eE][-+]?\d{1,3})?"
+_EXIT = re.compile(rf"s(?P<stage>{_INT})b(?P<block>{_INT})=(?P<head>{_NAME.pattern})")
+_EXIT_NC = rf"s{_INT}b{_INT}={_NAME.pattern}"
+_ID = re.compile(rf"d(?P<depths>{_INT}(?:\.{_INT}){{0,63}})"
+                 rf"~(?P<exits>none|{_EXIT_NC}(?:,{_EXIT_NC}){{0,255}})"
+                 rf"~(?P<policy>{_NAME.pattern})=(?P<params>(?:{_NUM}(?:,{_NUM}){{0,255}})?)")
+_JSON_KEYS = {"id", "depths", "exits", "policy", "thresholds"}
+_MAX_JSON = 1 << 20  # bytes; an arch JSON is a few hundred
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _json_list(value: object, what: str) -> list:
+    if not isinstance(value, list):
+        raise ArchError(f"arch JSON: {what} must be a list, got {_json_type(value)}")
+    return value
+
+
+def _json_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**6:
+        raise ArchError(f"arch JSON: {what} {_short(value)} is not an integer in [0, 999999]")
+    return value
+
+
+def _diagnose(text: str) -> str:
+    """Which part of an id that does not match ``_ID`` is wrong."""
+    generic = ("does not parse (expected d<depths>~<exits>~<policy>=<values>, "
+               "e.g. d2.2~s0b1=linear~max_softmax=0.8)")
+    parts = text.split("~")
+    if len(parts) != 3:
+        return generic
+    depths, exits, rule = parts
+    if not re.fullmatch(rf"d{_INT}(?:\.{_INT})*", depths):
+        return f"does not parse: depths {depths!r} are not d<int>.<int>..."
+    if exits != "none":
+        for part in exits.split(","):
+            if not _EXIT.fullmatch(part):
+                return f"does not parse: exit {part!r} is not s<stage>b<block>=<head>"
+    name, _, values = rule.partition("=")
+    if not _NAME.fullmatch(name):
+        return f"does not parse: policy {name!r} is not a name"
+    for v in values.split(",") if values else ():
+        if not re.fullmatch(_NUM, v):
+            return f"does not parse: value {v!r} is not a number"
+    return generic
+
+
+def _load_json(text: str, what: str) -> object:
+    """``json.loads`` that refuses NaN / Infinity and nesting too deep to be an arch."""
+    if len(text) > _MAX_JSON:
+        raise ArchError(f"{what}: larger than {_MAX_JSON} bytes")
+
+    def constant(name: str):
+        raise ArchError(f"{what}: {name} is not a number JSON allows")
+
+    try:
+        return json.loads(text, parse_constant=constant)
+    except json.JSONDecodeError as err:
+        raise ArchError(f"{what} does not parse: {err}") from None
+    except RecursionError:
+        raise ArchError(f"{what}: nested too deeply") from None
 
 
 @dataclass(frozen=True, order=True)
@@ -49,7 +124,11 @@ class Arch:
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "exits", tuple(sorted(self.exits)))
-        object.__setattr__(self, "thresholds", tuple(round(float(t), 4) for t in self.thresholds))
+        thresholds = tuple(float(t) for t in self.thresholds)
+        bad = [t for t in thresholds if not math.isfinite(t)]
+        if bad:
+            raise ArchError(f"threshold {bad[0]} is not a finite number")
+        object.__setattr__(self, "thresholds", tuple(round(t, 4) for t in thresholds))
 
     # ---- id ------------------------------------------------------------------------------
     @property
@@ -63,19 +142,23 @@ class Arch:
 
     @classmethod
     def from_id(cls, text: str) -> "Arch":
-        m = re.fullmatch(r"d([\d.]+)~([^~]+)~(\w+)=([\d.,e+-]*)", text.strip())
+        """Parse a canonical id; anything outside the grammar (see ``_ID``) is refused."""
+        if not isinstance(text, str):
+            raise ArchError(f"arch id must be a string, got {type(text).__name__}")
+        m = _ID.fullmatch(text.strip())
         if not m:
-            raise ArchError(f"arch id {text!r} does not parse (expected d<depths>~<exits>~<policy>=<values>)")
-        depths = tuple(int(d) for d in m.group(1).split("."))
+            raise ArchError(f"arch id {_short(text)} {_diagnose(text.strip())}")
+        depths = tuple(int(d) for d in m["depths"].split("."))
         exits = []
-        if m.group(2) != "none":
-            for part in m.group(2).split(","):
-                em = re.fullmatch(r"s(\d+)b(\d+)=(\w+)", part)
-                if not em:
-                    raise ArchError(f"arch id {text!r}: exit {part!r} is not s<stage>b<block>=<head>")
-                exits.append(Exit(int(em.group(1)), int(em.group(2)), em.group(3)))
-        params = tuple(float(v) for v in m.group(4).split(",") if v)
-        return cls(depths=depths, exits=tuple(exits), policy=m.group(3), thresholds=params)
+        if m["exits"] != "none":
+            for part in m["exits"].split(","):
+                em = _EXIT.fullmatch(part)
+                exits.append(Exit(int(em["stage"]), int(em["block"]), em["head"]))
+        params = tuple(float(v) for v in m["params"].split(",")) if m["params"] else ()
+        for v in params:
+            if not math.isfinite(v):
+                raise ArchError(f"arch id {_short(text)}: value {v} is not a finite number")
+        return cls(depths=depths, exits=tuple(exits), policy=m["policy"], thresholds=params)
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -84,31 +167,70 @@ class Arch:
                 "policy": self.policy, "thresholds": list(self.thresholds)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Arch":
-        try:
-            return cls(depths=tuple(data["depths"]),
-                       exits=tuple(Exit(int(e["stage"]), int(e["block"]), str(e["head"]))
-                                   for e in data["exits"]),
-                       policy=str(data.get("policy", "max_softmax")),
-                       thresholds=tuple(data.get("thresholds", ())))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ArchError(f"arch JSON is malformed ({type(err).__name__}: {err})") from None
+    def from_json(cls, data: object) -> "Arch":
+        """The inverse of :meth:`to_json`; every key and value is checked (``id``, when
+        present, must equal the id of the other fields)."""
+        if not isinstance(data, dict):
+            raise ArchError(f"arch JSON must be an object, got {_json_type(data)}")
+        unknown = sorted(set(data) - _JSON_KEYS)
+        if unknown:
+            raise ArchError(f"arch JSON: unknown key {unknown[0]!r} (known: {', '.join(sorted(_JSON_KEYS))})")
+        for key in ("depths", "exits"):
+            if key not in data:
+                raise ArchError(f"arch JSON: missing key {key!r}")
+        depths = _json_list(data["depths"], "depths")
+        for i, d in enumerate(depths):
+            _json_int(d, f"depths[{i}]")
+        exits = []
+        for i, e in enumerate(_json_list(data["exits"], "exits")):
+            where = f"exits[{i}]"
+            if not isinstance(e, dict) or set(e) != {"stage", "block", "head"}:
+                raise ArchError(f"arch JSON: {where} must be an object with exactly the keys "
+                                "stage, block, head")
+            head = e["head"]
+            if not isinstance(head, str) or not _NAME.fullmatch(head):
+                raise ArchError(f"arch JSON: {where}.head {_short(head)} is not a head name")
+            exits.append(Exit(_json_int(e["stage"], f"{where}.stage"),
+                              _json_int(e["block"], f"{where}.block"), head))
+        policy = data.get("policy", "max_softmax")
+        if not isinstance(policy, str) or not _NAME.fullmatch(policy):
+            raise ArchError(f"arch JSON: policy {_short(policy)} is not a policy name")
+        thresholds = []
+        for i, t in enumerate(_json_list(data.get("thresholds", []), "thresholds")):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+                raise ArchError(f"arch JSON: thresholds[{i}] {_short(t)} is not a finite number")
+            thresholds.append(float(t))
+        arch = cls(depths=tuple(depths), exits=tuple(exits), policy=policy,
+                   thresholds=tuple(thresholds))
+        if "id" in data and data["id"] != arch.id:
+            raise ArchError(f"arch JSON: id {_short(data['id'])} does not match its fields "
+                            f"({arch.id})")
+        return arch
 
     @classmethod
     def parse(cls, text: str) -> "Arch":
-        """An id string, a JSON object, or the path of a JSON file holding one."""
+        """An id string, a JSON object, or the path of a JSON file holding one (or holding
+        ``{"arch": {...}}``, as retrain and export write)."""
         text = text.strip()
         if text.startswith("{"):
-            try:
-                return cls.from_json(json.loads(text))
-            except json.JSONDecodeError as err:
-                raise ArchError(f"arch JSON does not parse: {err}") from None
+            return cls.from_json(_load_json(text, "arch JSON"))
         if text.endswith(".json"):
             try:
-                data = json.loads(open(text).read())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ArchError(f"{text}: cannot read arch JSON ({err})") from None
-            return cls.from_json(data.get("arch", data))
+                with open(text, "rb") as fh:
+                    raw = fh.read(_MAX_JSON + 1)
+            except OSError as err:
+                raise ArchError(f"{text}: cannot read arch JSON ({err.strerror or err})") from None
+            if len(raw) > _MAX_JSON:
+                raise ArchError(f"{text}: larger than {_MAX_JSON} bytes; not an arch JSON file")
+            try:
+                body = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ArchError(f"{text}: not UTF-8 text (byte {raw[err.start]:#04x} at offset "
+                                f"{err.start})") from None
+            data = _load_json(body, text)
+            if isinstance(data, dict) and "arch" in data:
+                data = data["arch"]
+            return cls.from_json(data)
         return cls.from_id(text)
 
     def with_thresholds(self, thresholds: tuple[float, ...], policy: str | None = None) -> "Arch":

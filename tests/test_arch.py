@@ -31,7 +31,7 @@ def test_id_format():
 @pytest.mark.parametrize("text, message", [
     ("d3.2", "does not parse"),
     ("d3.2~s0x1=linear~max_softmax=0.5", "is not s<stage>b<block>=<head>"),
-    ('{"depths": [1, 2]}', "malformed"),
+    ('{"depths": [1, 2]}', "missing key 'exits'"),
     ("{not json", "does not parse"),
 ])
 def test_bad_ids_are_refused(text, message):
