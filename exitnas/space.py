@@ -21,24 +21,26 @@ from typing import Literal
 import yaml
 
 from . import blocks, heads, losses, policy
-from ._config import field, from_dict, to_dict, with_overrides
+from ._config import field, from_dict, read_yaml, to_dict, with_overrides
 from .errors import ConfigError
 
 Position = tuple[int, int]
+SEED_MAX = 2**32 - 1  # numpy's and Optuna's samplers take 32-bit seeds
+EPOCHS_MAX = 100_000
 
 
 @dataclass(frozen=True, kw_only=True)
 class InputConfig:
-    channels: int = field(3, ge=1, doc="image channels")
-    size: int = field(32, ge=4, doc="square input side in pixels; costs are counted at this size")
+    channels: int = field(3, ge=1, le=64, doc="image channels")
+    size: int = field(32, ge=4, le=4096, doc="square input side in pixels; costs are counted at this size")
 
 
 @dataclass(frozen=True, kw_only=True)
 class StageConfig:
-    channels: int = field(ge=1, doc="block width (bottleneck: inner width; output is 4x)")
+    channels: int = field(ge=1, le=8192, doc="block width (bottleneck: inner width; output is 4x)")
     stride: int = field(1, choices=(1, 2), doc="stride of the stage's first block")
-    depths: tuple[int, ...] = field(nonempty=True, ge=1, doc="allowed numbers of blocks")
-    expand_ratio: int = field(6, ge=1, doc="inverted_residual expansion factor")
+    depths: tuple[int, ...] = field(nonempty=True, ge=1, le=512, doc="allowed numbers of blocks")
+    expand_ratio: int = field(6, ge=1, le=64, doc="inverted_residual expansion factor")
 
     def __post_init__(self) -> None:
         if list(self.depths) != sorted(set(self.depths)):
@@ -50,10 +52,10 @@ class BackboneConfig:
     family: str = field(choices=blocks.FAMILIES, doc="backbone family: resnet or mobilenetv2")
     block: str = field(choices=blocks.BLOCKS, doc="block registry name: basic, bottleneck (resnet), inverted_residual (mobilenetv2)")
     stem: Literal["cifar", "imagenet"] = field("cifar", doc="cifar: 3x3 s1; imagenet: 7x7 s2 + max-pool")
-    stem_channels: int = field(16, ge=1, doc="output width of the stem")
+    stem_channels: int = field(16, ge=1, le=8192, doc="output width of the stem")
     stages: tuple[StageConfig, ...] = field(nonempty=True, doc="one entry per stage, in order")
     final_head: str = field("linear", choices=heads.HEADS, doc="head of the final exit")
-    final_channels: int | None = field(None, ge=1, doc="1x1 conv width before the final head")
+    final_channels: int | None = field(None, ge=1, le=65536, doc="1x1 conv width before the final head")
 
     def __post_init__(self) -> None:
         allowed = blocks.FAMILIES.get(self.family).blocks
@@ -69,8 +71,8 @@ class ExitsConfig:
         "all", doc="'all' or a list of [stage, block] pairs after which an exit may sit")
     heads: tuple[str, ...] = field(("linear",), nonempty=True, choices=heads.HEADS,
                                    doc="head designs the search may place (heads registry)")
-    max_exits: int = field(4, ge=1, doc="most early exits (the final exit not counted)")
-    min_exits: int = field(1, ge=0, doc="fewest early exits")
+    max_exits: int = field(4, ge=1, le=4096, doc="most early exits (the final exit not counted)")
+    min_exits: int = field(1, ge=0, le=4096, doc="fewest early exits")
 
     def __post_init__(self) -> None:
         if isinstance(self.positions, str) and self.positions != "all":
@@ -88,7 +90,7 @@ class PolicyConfig:
     threshold_range: tuple[float, float] = field((0.5, 1.0), ge=0.0, le=1.0,
                                                  doc="max_softmax thresholds")
     entropy_range: tuple[float, float] = field((0.0, 1.5), ge=0.0, doc="entropy thresholds, nats")
-    patience_range: tuple[int, int] = field((1, 3), ge=1, doc="patience p (exits that agree)")
+    patience_range: tuple[int, int] = field((1, 3), ge=1, le=4096, doc="patience p (exits that agree)")
 
     def __post_init__(self) -> None:
         for name in ("threshold_range", "entropy_range", "patience_range"):
@@ -105,16 +107,16 @@ class DataConfig:
                                        "holds train/ and test/)")
     download: bool = field(False, doc="let torchvision download CIFAR")
     val_fraction: float = field(0.1, gt=0.0, lt=1.0, doc="held out of train, never augmented")
-    split_seed: int = field(0, doc="seed of the train/val split")
+    split_seed: int = field(0, ge=0, le=SEED_MAX, doc="seed of the train/val split")
     mean: tuple[float, ...] | None = field(None, doc="per-channel normalisation (dataset default)")
     std: tuple[float, ...] | None = field(None, gt=0.0, doc="per-channel std (dataset default)")
     augment: bool = field(True, doc="random crop (pad size/8) + horizontal flip on train")
-    batch_size: int = field(128, ge=1, doc="training batch (per process)")
-    eval_batch_size: int = field(512, ge=1, doc="batch for caching and evaluation")
-    num_workers: int = field(0, ge=0, doc="reserved for streaming loaders; in-memory sets need none")
-    train_subset: int | None = field(None, ge=1, doc="use only this many train images")
-    test_subset: int | None = field(None, ge=1, doc="use only this many test images")
-    synthetic_size: int = field(512, ge=16, doc="images in the synthetic set")
+    batch_size: int = field(128, ge=1, le=2**20, doc="training batch (per process)")
+    eval_batch_size: int = field(512, ge=1, le=2**20, doc="batch for caching and evaluation")
+    num_workers: int = field(0, ge=0, le=1024, doc="reserved for streaming loaders; in-memory sets need none")
+    train_subset: int | None = field(None, ge=1, le=2**40, doc="use only this many train images")
+    test_subset: int | None = field(None, ge=1, le=2**40, doc="use only this many test images")
+    synthetic_size: int = field(512, ge=16, le=2**20, doc="images in the synthetic set")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,40 +127,49 @@ class OptimConfig:
     nesterov: bool = field(True, doc="Nesterov momentum (sgd)")
     weight_decay: float = field(5e-4, ge=0.0, doc="L2 / decoupled weight decay")
     schedule: Literal["cosine", "constant"] = field("cosine", doc="learning-rate schedule over epochs")
-    warmup_epochs: int = field(0, ge=0, doc="linear warm-up epochs")
+    warmup_epochs: int = field(0, ge=0, le=EPOCHS_MAX, doc="linear warm-up epochs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneTrainingConfig:
+    epochs: int = field(30, ge=1, doc="epochs of the full-depth backbone with its final exit only (stage 0)")
+    optim: OptimConfig = field(OptimConfig(), doc="optimizer settings")
+    label_smoothing: float = field(0.0, ge=0.0, lt=1.0, doc="label smoothing of the cross-entropy")
+    seed: int = field(0, doc="training seed (initial weights and data order)")
+    channels_last: bool = field(False, doc="channels_last memory format (faster on CPU)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class SupernetConfig:
-    epochs: int = field(10, ge=1, doc="supernet training epochs")
+    epochs: int = field(10, ge=1, le=EPOCHS_MAX, doc="supernet training epochs")
     optim: OptimConfig = field(OptimConfig(), doc="optimizer settings")
-    random_subnets: int = field(2, ge=0, doc="random sub-networks per step (sandwich rule)")
+    random_subnets: int = field(2, ge=0, le=1024, doc="random sub-networks per step (sandwich rule)")
     distill: bool = field(True, doc="in-place distillation from the largest net's final exit")
     distill_temperature: float = field(1.0, gt=0.0, doc="temperature of in-place distillation")
-    bn_calib_batches: int = field(10, ge=1, doc="train batches to re-estimate BN statistics")
-    seed: int = field(0, doc="training seed")
+    bn_calib_batches: int = field(10, ge=1, le=2**20, doc="train batches to re-estimate BN statistics")
+    seed: int = field(0, ge=0, le=SEED_MAX, doc="training seed")
     channels_last: bool = field(False, doc="channels_last memory format (faster on CPU)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
-    trials: int = field(200, ge=1, doc="completed trials the search reaches")
+    trials: int = field(200, ge=1, le=10**8, doc="completed trials the search reaches")
     sampler: Literal["nsga2", "random"] = field("nsga2", doc="NSGA-II or a random baseline")
-    population_size: int = field(32, ge=2, doc="NSGA-II population")
-    seed: int = field(0, doc="sampler seed")
+    population_size: int = field(32, ge=2, le=10**6, doc="NSGA-II population")
+    seed: int = field(0, ge=0, le=SEED_MAX, doc="sampler seed")
     budget_fraction: float | None = field(1.0, gt=0.0, doc="expected-MACs budget / backbone MACs")
     budget_macs: float | None = field(None, gt=0.0, doc="absolute budget (overrides fraction)")
     max_path_fraction: float | None = field(None, gt=0.0, doc="worst-case path budget")
     backend: Literal["optuna", "ray"] = field("optuna", doc="in-process Optuna or Ray Tune")
     storage: str | None = field(None, doc="SQLAlchemy URL or journal path (default: run dir)")
-    workers: int = field(2, ge=1, doc="concurrent Ray trials")
-    retrain_top: int = field(3, ge=1, doc="front members retrained by `exitnas run`")
+    workers: int = field(2, ge=1, le=2**16, doc="concurrent Ray trials")
+    retrain_top: int = field(3, ge=1, le=10**6, doc="front members retrained by `exitnas run`")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RetrainConfig:
     regime: Literal["joint", "disjoint", "mixed"] = field("mixed", doc="training regime (Kubaty et al.)")
-    epochs: int = field(10, ge=1, doc="total, split across phases")
+    epochs: int = field(10, ge=1, le=EPOCHS_MAX, doc="total, split across phases")
     phase1_fraction: float = field(0.5, gt=0.0, lt=1.0, doc="share of epochs in phase 1")
     loss: str = field("mean_ce", choices=losses.LOSSES,
                       doc="exit loss (registry): mean_ce, sdn, pabee, distill, boost")
@@ -166,25 +177,31 @@ class RetrainConfig:
     loss_weight: float = field(0.5, ge=0.0, le=1.0, doc="distillation weight")
     optim: OptimConfig = field(OptimConfig(), doc="optimizer settings")
     init_from_supernet: bool = field(False, doc="start from the supernet's weights")
-    seed: int = field(0, doc="training seed")
+    seed: int = field(0, ge=0, le=SEED_MAX, doc="training seed")
     channels_last: bool = field(False, doc="channels_last memory format")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Space:
     name: str = field(doc="used in run directories and exports")
-    version: int = field(1, ge=1, doc="version of this space file")
-    num_classes: int = field(ge=2, doc="classes of the dataset")
+    version: int = field(1, ge=1, le=10**9, doc="version of this space file")
+    num_classes: int = field(ge=2, le=10**6, doc="classes of the dataset")
     input: InputConfig = field(InputConfig())
     backbone: BackboneConfig
     exits: ExitsConfig = field(ExitsConfig())
     policy: PolicyConfig = field(PolicyConfig())
     data: DataConfig = field(DataConfig())
+    backbone_training: BackboneTrainingConfig = field(BackboneTrainingConfig())
     supernet: SupernetConfig = field(SupernetConfig())
     search: SearchConfig = field(SearchConfig())
     retrain: RetrainConfig = field(RetrainConfig())
 
     def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            values = getattr(self.data, name)
+            if values is not None and len(values) != self.input.channels:
+                raise ConfigError(f"{len(values)} values for {self.input.channels} input channels",
+                                  path=f"data.{name}")
         if isinstance(self.exits.positions, tuple):
             stages = self.backbone.stages
             for i, (s, b) in enumerate(self.exits.positions):
@@ -250,19 +267,9 @@ def parse_space(data: object, *, file: str | None = None) -> Space:
 
 
 def load_space(path: str | Path, overrides: dict | None = None) -> Space:
-    """Read a search-space YAML file (``yaml.safe_load``) and validate it."""
+    """Read a search-space YAML file (see :func:`~exitnas._config.read_yaml`) and validate it."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read file ({err.strerror})", file=str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"YAML syntax error{where}: {problem}", file=str(path)) from None
+    data = read_yaml(path)
     if data is None:
         raise ConfigError("file is empty", file=str(path))
     space = parse_space(data, file=str(path))

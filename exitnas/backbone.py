@@ -1,0 +1,183 @@
+"""Stage 0: the full-depth backbone with its final exit only.
+
+    result = train_backbone(RunDir("runs/q"), space)      # -> RUN/backbone/weights.safetensors
+    net = load_backbone(Supernet(space), result.weights)  # stage 1 grows the supernet from it
+
+The backbone is the supernet at every stage's largest depth with no early exit: stem, blocks
+and final head, trained with the cross-entropy of the final exit (``backbone_training``
+settings). It is phase 1 of the ``disjoint`` and ``mixed`` regimes, and the network the
+supernet is grown from (Once-for-All: train the largest network first, then add elasticity).
+Its weights file holds only backbone tensors (``stem.*``, ``stages.*``, ``final.*``), named as
+in :class:`~exitnas.supernet.Supernet`, so it loads into a supernet of any exit settings.
+
+Checkpoints are written atomically after every epoch; the data order depends only on
+``(seed, epoch)``, so a killed run resumed from its last checkpoint ends with the weights of an
+uninterrupted one. Runs under ``torchrun`` like the other training steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._config import to_dict
+from .data import Splits, load_splits
+from .errors import CheckpointError
+from .io import load_weights, save_checkpoint, save_weights
+from .rundir import RunDir
+from .space import Space
+from .train import (Dist, accuracy, default_device, make_optimizer, make_scheduler,
+                    open_checkpoint, per_rank_batch, rng_state, run_epoch, set_rng_state,
+                    train_batches, wrap_ddp, write_metrics)
+
+BACKBONE_PREFIXES = ("stem.", "stages.", "final.")
+
+
+@dataclass(frozen=True)
+class BackboneResult:
+    weights: Path
+    checkpoint: Path
+    metrics: Path
+    epochs: int
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def backbone_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's tensors of a supernet's state dict (no exit heads)."""
+    return {k: v for k, v in net.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
+
+
+def load_backbone(net, path: str | Path):
+    """Load backbone weights (:func:`train_backbone`'s file, or the user's own in the same
+    names) into supernet ``net``; its exit heads keep their weights. Every backbone tensor
+    must be present with its shape, and nothing else may be in the file."""
+    state = load_weights(path)  # safetensors only: refuses pickles
+    want = backbone_state(net)
+    extra = sorted(set(state) - set(want))
+    missing = sorted(set(want) - set(state))
+    if extra or missing:
+        what = f"unexpected tensor {extra[0]!r}" if extra else f"missing tensor {missing[0]!r}"
+        raise CheckpointError(f"{path}: not a backbone of space {net.space.name!r} ({what})")
+    for name, t in state.items():
+        if t.shape != want[name].shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(t.shape)}, the "
+                                  f"backbone of space {net.space.name!r} needs "
+                                  f"{list(want[name].shape)}")
+    net.load_state_dict(state, strict=False)
+    return net
+
+
+class _FinalExitStep(nn.Module):
+    """The backbone's forward and loss as one module (so DDP sees one graph)."""
+
+    def __init__(self, net: nn.Module, *, label_smoothing: float) -> None:
+        super().__init__()
+        self.net, self.label_smoothing = net, label_smoothing
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.net.forward_exits(x, self.net.space.max_depths, exits=())[-1]
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+
+
+def backbone_settings(space: Space) -> dict:
+    """What shapes a backbone run; a checkpoint made with other values is not resumed."""
+    return {"backbone_training": to_dict(space.backbone_training), "data": to_dict(space.data)}
+
+
+def train_backbone(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
+                   resume: bool = False, restart: bool = False, splits: Splits | None = None,
+                   log: Callable[[str], None] | None = print) -> BackboneResult:
+    """Train the full-depth backbone of ``space`` into ``RUN/backbone/`` (module docs).
+    Continues from ``RUN/backbone/checkpoint.pt`` when it matches this space and these
+    settings; a finished run is returned as is."""
+    from .supernet import Supernet
+
+    dist = dist or Dist(device=default_device())
+    cfg = space.backbone_training
+    out = run_dir.path / "backbone"
+    paths = BackboneResult(out / "weights.safetensors", out / "checkpoint.pt",
+                           out / "metrics.csv", cfg.epochs)
+    if run_dir.exists() and run_dir.space().fingerprint != space.fingerprint:
+        run_dir.init(space)  # raises: another space's run directory, nothing written
+    identity = {"kind": "backbone", "space": space.name, "fingerprint": space.fingerprint}
+    state = open_checkpoint(paths.checkpoint, identity=identity,
+                            settings=backbone_settings(space), resume=resume, restart=restart)
+    batch = per_rank_batch(space.data.batch_size, dist)
+    if dist.is_main:
+        run_dir.init(space)
+    dist.barrier()
+    say = log if (log and dist.is_main) else (lambda _msg: None)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = Supernet(space)
+    net.to(dist.device)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    splits = splits or load_splits(space)
+    model = wrap_ddp(_FinalExitStep(net, label_smoothing=cfg.label_smoothing), dist)
+    _, steps = train_batches(splits, space, seed=cfg.seed, epoch=0, dist=dist, batch_size=batch)
+    for k, p in net.named_parameters():  # exit heads are not part of stage 0 (and DDP
+        p.requires_grad_(k.startswith(BACKBONE_PREFIXES))  # must not wait for their grads)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, epochs=cfg.epochs, steps_per_epoch=steps)
+    start, history = 0, []
+    if state is not None:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start, history = int(state["epoch"]), list(state["metrics"])
+        if start >= cfg.epochs and paths.weights.is_file():
+            say(f"backbone already trained ({start} epochs): {paths.weights}")
+            return BackboneResult(paths.weights, paths.checkpoint, paths.metrics, cfg.epochs,
+                                  history, start)
+        say(f"resuming backbone training from {paths.checkpoint} (epoch {start}/{cfg.epochs})")
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        net.train()
+
+        def step(x, y):
+            loss = model(x, y)
+            loss.backward()
+            return loss
+
+        data, steps = train_batches(splits, space, seed=cfg.seed, epoch=epoch, dist=dist,
+                                    batch_size=batch)
+        lr = optimizer.param_groups[0]["lr"]
+        loss = run_epoch(step, data, steps=steps, optimizer=optimizer, scheduler=scheduler,
+                         dist=dist, where=f"backbone epoch {epoch + 1}/{cfg.epochs}",
+                         channels_last=cfg.channels_last)
+        if dist.is_main:
+            net.eval()
+            val = accuracy(net, splits.val, splits, depths=space.max_depths,
+                           batch_size=space.data.eval_batch_size, device=dist.device)[-1]
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "val_acc": val,
+                   "seconds": time.perf_counter() - t0}
+            history.append(row)
+            save_checkpoint(paths.checkpoint, {
+                "identity": identity, "settings": backbone_settings(space), "epoch": epoch + 1,
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state(), "metrics": history})
+            write_metrics(paths.metrics, history)
+            say(f"backbone epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, val acc {val:.4f} "
+                f"({row['seconds']:.1f} s)")
+        dist.barrier()
+    if dist.is_main:
+        save_weights(paths.weights, backbone_state(net),
+                     {"space": space.name, "fingerprint": space.fingerprint, "kind": "backbone"})
+    dist.barrier()
+    return BackboneResult(paths.weights, paths.checkpoint, paths.metrics, cfg.epochs, history,
+                          start)
+
+
+__all__ = ["train_backbone", "load_backbone", "backbone_state", "BackboneResult",
+           "BACKBONE_PREFIXES"]
