@@ -13,4 +13,6 @@ def test_readme_starts_with_the_two_commands():
     lines = [line for line in block.strip().splitlines() if not line.startswith("#")]
     assert lines[0].endswith("exitnas run search_spaces/quickstart.yaml --run-dir runs/quickstart")
     assert lines[1].endswith('pip install -e ".[test]" && python -m pytest -q')
-    assert "python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "python -m pytest -q || rc=$?" in ci  # the README's command, then the slow tests
+    assert "python -m pytest -q -m slow || rc=$?" in ci
