@@ -3,8 +3,12 @@
 Objectives: validation accuracy under the arch's exit policy (maximise) and expected MACs per
 sample (minimise). Constraints (Optuna's ``trial.set_constraint``; feasible when <= 0): expected
 MACs <= budget and, when set, worst-case path MACs <= the path budget. optuna-dashboard 0.21
-ignores ``set_constraint``, so the same facts go into ``user_attrs`` (``feasible``, ``macs``,
-``relative_cost``, ``arch_id``...).
+reads feasibility only from the ``constraints`` system attribute, the list Optuna's older
+``constraints_func`` wrote, so the same values are written there too (Optuna 5 reads both
+formats: ``trial.constraints`` then holds each value twice, by name and by index, and
+feasibility, NSGA-II's constrained domination order and ``study.best_trials`` are unchanged).
+The facts also go into ``user_attrs`` (``feasible``, ``macs``, ``relative_cost``,
+``arch_id``...).
 
 The statistics of a depth setting come from :class:`CacheStore`: one pass of the supernet
 (BatchNorm recalibrated first) through ``exitnas.evaluate.load_or_build_cache``, kept in memory
@@ -24,6 +28,8 @@ from ._budget import Budget
 
 METRIC_NAMES = ("accuracy", "expected_macs")
 DIRECTIONS = ("maximize", "minimize")
+# optuna.study._constrained_optimization._CONSTRAINTS_KEY; optuna_dashboard._serializer reads it
+DASHBOARD_CONSTRAINTS_KEY = "constraints"
 
 
 class CacheStore:
@@ -98,11 +104,14 @@ class TrialRecord:
                 "exit_fractions": list(self.exit_fractions), "feasible": self.feasible}
 
     def apply(self, trial) -> None:
-        """Set user attributes and constraints on an Optuna trial (before ``tell``)."""
+        """Set user attributes and constraints on an Optuna trial (before ``tell``): by name
+        (``set_constraint``) and as the list optuna-dashboard reads."""
         for key, value in self.user_attrs().items():
             trial.set_user_attr(key, value)
         for key, value in self.constraints.items():
             trial.set_constraint(key, value)
+        trial.storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS_KEY,
+                                            [float(v) for v in self.constraints.values()])
 
     def to_json(self) -> dict[str, Any]:
         return {"arch": self.arch.to_json(), "accuracy": self.accuracy,
