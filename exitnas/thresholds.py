@@ -1,0 +1,198 @@
+"""Exit thresholds fitted on val for a budget, not evolved.
+
+    fit = fit_thresholds(val_stats, budget_macs=0.5 * backbone_macs)
+    arch = arch.with_thresholds(fit.thresholds)      # scores exactly fit.accuracy on val
+
+For one architecture (its per-exit statistics on val, :class:`~exitnas.evaluate.ArchStats`)
+and an expected-cost budget in MACs, find per-exit thresholds with the highest val accuracy
+whose expected MACs stay within the budget. Two starts, each the best feasible point of its
+family: the shared threshold of the sweep (100 values over the policy's range) and, for
+``max_softmax``, MSDNet's budgeted-batch thresholds (p = i/20). From each, coordinate descent:
+for one exit at a time, with the others fixed, every threshold on the grid is scored exactly
+(one sort of the samples that reach the exit, then prefix sums of what changes when a sample
+leaves there instead of where it would go next), and the best feasible one is kept. A step
+never lowers accuracy and never leaves the budget, so the result is never below either start.
+
+Thresholds live on the arch id's grid (4 decimals, :class:`~exitnas.arch.Arch` rounds to it)
+and are compared in float32 as the scorer, the model and the runtime compare them; the returned
+accuracy and cost are the scorer's own numbers for the returned thresholds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .evaluate import ArchStats
+
+DECIMALS = 4  # the arch id's threshold grid
+SWEEP_POINTS = 100
+BUDGETED_BATCH_P = tuple(i / 20 for i in range(1, 40))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Fitted thresholds and what they score on the statistics they were fitted on."""
+
+    thresholds: tuple[float, ...]
+    accuracy: float
+    expected_macs: float
+    feasible: bool      # expected MACs <= the budget
+    start: str          # the start that led to the result: "sweep", "budgeted_batch" or
+                        # "none" (no early exit)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """A threshold rule ``leave at k when value >= t`` (``below`` False: max_softmax) or
+    ``value <= t`` (``below`` True: entropy), thresholds on a grid within ``lo..hi``."""
+
+    values: np.ndarray   # [K, N] float32, final exit last (unused)
+    below: bool
+    grid: np.ndarray     # float32, ascending
+
+    def hits(self, k: int, t: float) -> np.ndarray:
+        v, t = self.values[k], np.float32(t)
+        return v <= t if self.below else v >= t
+
+
+def _grid(lo: float, hi: float) -> np.ndarray:
+    scale = 10 ** DECIMALS
+    steps = np.arange(math.ceil(lo * scale - 1e-9), math.floor(hi * scale + 1e-9) + 1)
+    return np.round(steps / scale, DECIMALS).astype(np.float32)
+
+
+def _on_grid(t: float, rule: _Rule) -> float:
+    """The grid threshold nearest ``t`` (inf -> the end that lets nobody leave)."""
+    g = rule.grid
+    if not math.isfinite(t):
+        return float(g[0] if rule.below else g[-1])
+    return float(g[int(np.abs(g - np.float32(t)).argmin())])
+
+
+class _Problem:
+    """Exact per-sample outcomes of one arch: correctness and cost of every exit."""
+
+    def __init__(self, stats: ArchStats, rule: _Rule, budget_macs: float) -> None:
+        self.rule = rule
+        self.k = stats.num_exits
+        self.n = stats.num_samples
+        self.correct = (stats.pred == stats.labels[None, :])
+        self.costs = np.asarray(stats.exit_macs, dtype=np.int64)
+        # feasible <=> total / n <= budget, the scorer's expected_macs test
+        self.budget = float(budget_macs)
+
+    def exit_index(self, ts: Sequence[float]) -> np.ndarray:
+        idx = np.full(self.n, self.k - 1, dtype=np.intp)
+        alive = np.ones(self.n, dtype=bool)
+        for j, t in enumerate(ts):
+            leave = alive & self.rule.hits(j, t)
+            idx[leave] = j
+            alive &= ~leave
+        return idx
+
+    def outcome(self, idx: np.ndarray) -> tuple[int, int]:
+        """(correct count, total MACs) of exits ``idx``."""
+        hits = int(np.count_nonzero(self.correct[idx, np.arange(self.n)]))
+        return hits, int(self.costs[idx].sum())
+
+    def feasible(self, total: int) -> bool:
+        return total / self.n <= self.budget
+
+    def improve_exit(self, ts: list[float], k: int) -> bool:
+        """Best grid threshold for exit ``k`` with the others fixed; True if it changed."""
+        idx = self.exit_index(ts)
+        reach = idx >= k
+        # where each sample goes when it does not leave at k: the next exit that takes it
+        nxt = np.full(self.n, self.k - 1, dtype=np.intp)
+        for j in range(self.k - 2, k, -1):
+            nxt = np.where(self.rule.hits(j, ts[j]), j, nxt)
+        r = np.flatnonzero(reach)
+        v = self.rule.values[k, r]
+        order = np.argsort(v if self.rule.below else -v, kind="stable")
+        v, r = v[order], r[order]
+        d_hit = self.correct[k, r].astype(np.int64) - self.correct[nxt[r], r]
+        d_cost = self.costs[k] - self.costs[nxt[r]]
+        base_hits, base_cost = self.outcome(np.where(reach, nxt, idx))
+        grid = self.rule.grid
+        # how many reaching samples leave at k for each grid threshold
+        if self.rule.below:
+            m = np.searchsorted(v, grid, side="right")
+        else:
+            m = np.searchsorted(-v, -grid, side="right")
+        hits = base_hits + np.concatenate([[0], np.cumsum(d_hit)])[m]
+        cost = base_cost + np.concatenate([[0], np.cumsum(d_cost)])[m]
+        ok = cost / self.n <= self.budget
+        if not ok.any():
+            return False
+        cand = np.flatnonzero(ok)
+        best = cand[np.lexsort((cost[cand], -hits[cand]))[0]]
+        cur = int(np.flatnonzero(grid == np.float32(ts[k]))[0])
+        if (hits[best], -cost[best]) <= (hits[cur], -cost[cur]):  # cur is feasible
+            return False
+        ts[k] = float(grid[best])
+        return True
+
+
+def _starts(stats: ArchStats, rule: _Rule, policy: str, lo: float, hi: float):
+    k = stats.num_exits - 1
+    for t in np.linspace(lo, hi, SWEEP_POINTS):
+        yield "sweep", [_on_grid(float(t), rule)] * k
+    if policy == "max_softmax":
+        from .protocols import budgeted_batch_thresholds
+
+        for p in BUDGETED_BATCH_P:
+            ts = budgeted_batch_thresholds(stats.conf, p)
+            yield "budgeted_batch", [_on_grid(t, rule) for t in ts]
+
+
+def fit_thresholds(stats: ArchStats, *, budget_macs: float, policy: str = "max_softmax",
+                   value_range: tuple[float, float] = (0.0, 1.0), rounds: int = 8) -> Fit:
+    """Thresholds of ``policy`` (``max_softmax`` or ``entropy``) for ``stats`` with the best
+    accuracy at expected MACs <= ``budget_macs`` (module docs). ``value_range`` bounds the
+    thresholds (the space's ``policy.threshold_range`` / ``entropy_range``). When no point
+    fits the budget, the cheapest start is returned with ``feasible`` False."""
+    if policy not in ("max_softmax", "entropy"):
+        raise ValueError(f"thresholds of policy {policy!r} are not fitted (max_softmax, entropy)")
+    lo, hi = value_range
+    values = stats.conf if policy == "max_softmax" else stats.entropy
+    rule = _Rule(values=values, below=policy == "entropy", grid=_grid(lo, hi))
+    prob = _Problem(stats, rule, budget_macs)
+    k = stats.num_exits - 1
+    if k == 0:
+        return _result(stats, policy, [], "none", prob)
+    best: dict[str, tuple] = {}
+    cheapest = None
+    for name, ts in _starts(stats, rule, policy, lo, hi):
+        hits, total = prob.outcome(prob.exit_index(ts))
+        if cheapest is None or total < cheapest[1]:
+            cheapest = (ts, total, name)
+        if prob.feasible(total) and (name not in best or (hits, -total) > best[name][1:]):
+            best[name] = (ts, hits, -total)
+    if not best:
+        ts, _, name = cheapest
+        return _result(stats, policy, ts, name, prob)
+    results = []
+    for name, (ts, _, _) in best.items():
+        ts = list(ts)
+        for _ in range(rounds):
+            changed = False
+            for j in range(k):
+                changed |= prob.improve_exit(ts, j)
+            if not changed:
+                break
+        hits, total = prob.outcome(prob.exit_index(ts))
+        results.append(((hits, -total), name, ts))
+    (_, name, ts) = max(results, key=lambda r: r[0])
+    return _result(stats, policy, ts, name, prob)
+
+
+def _result(stats: ArchStats, policy: str, ts: list[float], name: str, prob: _Problem) -> Fit:
+    ts = tuple(round(float(t), DECIMALS) for t in ts)
+    s = stats.score(policy, ts)
+    return Fit(ts, s.accuracy, s.expected_macs, s.expected_macs <= prob.budget, name)
+
+
+__all__ = ["Fit", "fit_thresholds", "DECIMALS"]
