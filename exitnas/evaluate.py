@@ -7,6 +7,7 @@ these arrays without touching the network, and gives exactly the predictions and
 the extracted model's early-exit forward (``MultiExitModel.predict``)::
 
     cache = load_or_build_cache(run, net, (3, 2, 4), splits)        # one pass, then on disk
+    model = net.extract(arch, calib=calibration_batches(space, splits))  # what the cache scored
     s = score(cache, arch, cost_table(space))                       # ~0.1 ms, no network
     stats = ArchStats.from_cache(cache, arch, cost_table(space))    # one arch, for protocols
     stats = ArchStats.from_model(model, batches(...), exit_macs=..., backbone_macs=...)
@@ -32,6 +33,7 @@ import torch
 from .arch import Arch, Exit
 from .cost import CostTable
 from .policy import ExitStats, first_exit, get_policy
+from .supernet import _BN_STATS
 
 
 # ---- the single vectorised scorer ------------------------------------------------------------
@@ -181,8 +183,9 @@ class ExitCache:
 
 @torch.no_grad()
 def build_cache(net, depths: tuple[int, ...], batches: Iterable) -> ExitCache:
-    """One pass of ``net`` (a Supernet, eval mode, BN already recalibrated for ``depths``)
-    over ``batches`` of (images, labels) with every candidate exit active."""
+    """One pass of ``net`` (a Supernet in eval mode whose BN statistics are those of
+    ``depths``: inside ``net.calibrated(depths, ...)``) over ``batches`` of (images, labels)
+    with every candidate exit active."""
     exits = tuple(net.candidate_exits(depths))
     parts: list[tuple[torch.Tensor, ...]] = []
     labels = []
@@ -312,9 +315,6 @@ class ArchStats:
 
 
 # ---- the cache on disk -----------------------------------------------------------------------
-_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
 # Bump when what a cache holds, or how the network computes it, changes (2: sdn_pool's mix
 # weight became sigmoid(mix_logit)); older cache files are then rebuilt, never misread.
 CACHE_FORMAT = 2
@@ -385,11 +385,14 @@ def _write_cache(path, cache: ExitCache) -> None:
 def load_or_build_cache(run_dir, net, depths: tuple[int, ...], splits, *, split: str = "val",
                         digest: str | None = None) -> ExitCache:
     """The cache of ``depths`` over ``split`` for these weights: read from
-    ``RUN/cache/<split>-d<depths>-<weights>-<settings>.safetensors``, or built (BN
-    recalibrated on ``supernet.bn_calib_batches`` train batches first, which changes ``net``'s
-    BN statistics) and written atomically. ``digest`` defaults to :func:`cache_digest`;
-    ``splits`` may be None when the file exists."""
+    ``RUN/cache/<split>-d<depths>-<weights>-<settings>.safetensors``, or built (inside
+    ``net.calibrated(depths, calibration_batches(...))``: BN re-estimated for ``depths``, then
+    ``net``'s own statistics restored) and written atomically. Either way ``net`` is left as it
+    was: extract with ``net.extract(arch, calib=calibration_batches(space, splits))`` to get the
+    model the cache scored. ``digest`` defaults to :func:`cache_digest`; ``splits`` may be
+    None when the file exists."""
     from .data import batches
+    from .supernet import calibration_batches
 
     depths = tuple(depths)
     space = net.space
@@ -403,10 +406,8 @@ def load_or_build_cache(run_dir, net, depths: tuple[int, ...], splits, *, split:
             return cache
     if splits is None:
         raise ValueError(f"{path}: no usable cache and no splits given to build it")
-    calib = batches(splits.train, batch_size=space.data.batch_size, mean=splits.mean,
-                    std=splits.std, shuffle=True, seed=space.supernet.seed)
-    net.recalibrate_bn(depths, (b for _, b in zip(range(space.supernet.bn_calib_batches), calib)))
-    cache = build_cache(net, depths, batches(data, batch_size=space.data.eval_batch_size,
-                                             mean=splits.mean, std=splits.std))
+    with net.calibrated(depths, calibration_batches(space, splits)):
+        cache = build_cache(net, depths, batches(data, batch_size=space.data.eval_batch_size,
+                                                 mean=splits.mean, std=splits.std))
     _write_cache(path, cache)
     return cache

@@ -2,16 +2,24 @@
 
     net = Supernet(space)
     logits = net.forward_exits(x, depths=(3, 2, 4))          # all candidate exits + final
-    model = net.extract(arch)                                # standalone MultiExitModel
+    model = net.extract(arch, calib=calibration_batches(space, splits))  # standalone model
+    with net.calibrated(depths, calibration_batches(space, splits)):
+        ...                                                  # eval mode, BN of ``depths``
 
 Elastic depth: a stage of depth d runs its first d blocks (the first, downsampling block
 always runs). Exit heads are keyed ``s<stage>b<block>=<head>``; the final head is shared by
 every depth setting.
+
+BatchNorm statistics belong to a depth setting (OFA): whatever evaluates or extracts one
+re-estimates them first from :func:`calibration_batches` (always the same train batches), and
+the supernet's own statistics are left as they were, so a result never depends on which depth
+setting something else looked at before.
 """
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +29,22 @@ from .blocks import BLOCKS, FAMILIES
 from .heads import build_head
 from .model import MultiExitModel
 from .space import Space
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def calibration_batches(space: Space, splits, *, device: torch.device | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (images, labels) batches every BatchNorm re-estimation uses: the first
+    ``supernet.bn_calib_batches`` train batches of ``data.batch_size`` images, shuffled with
+    ``supernet.seed``, not augmented; on ``device`` when given. A fresh iterator per call,
+    the same batches every time."""
+    from .data import batches
+
+    train = batches(splits.train, batch_size=space.data.batch_size, mean=splits.mean,
+                    std=splits.std, shuffle=True, seed=space.supernet.seed)
+    for _, (x, y) in zip(range(space.supernet.bn_calib_batches), train):
+        yield (x if device is None else x.to(device)), y
 
 
 class Supernet(nn.Module):
@@ -98,6 +122,23 @@ class Supernet(nn.Module):
         if seen == 0:
             raise ValueError("recalibrate_bn got no batches")
 
+    @contextmanager
+    def calibrated(self, depths: Sequence[int], batches) -> Iterator["Supernet"]:
+        """Inside the block: eval mode with BN statistics re-estimated for ``depths`` on
+        ``batches`` (see :meth:`recalibrate_bn`, :func:`calibration_batches`). On leaving, every
+        BN buffer and the train/eval mode are restored: nothing outside sees them."""
+        state = self.state_dict()
+        saved = {k: v.clone() for k, v in state.items() if k.rsplit(".", 1)[-1] in _BN_STATS}
+        was = self.training
+        try:
+            self.recalibrate_bn(depths, batches)
+            yield self
+        finally:
+            with torch.no_grad():
+                for k, v in saved.items():
+                    state[k].copy_(v)
+            self.train(was)
+
     def save(self, path) -> None:
         """Weights as safetensors, tagged with the space's fingerprint."""
         from .io import save_weights
@@ -118,9 +159,20 @@ class Supernet(nn.Module):
                                   f"({str(err).splitlines()[0]})") from None
         return self
 
-    def extract(self, arch: Arch) -> MultiExitModel:
-        """A standalone model holding copies of only ``arch``'s blocks and heads."""
+    def extract(self, arch: Arch, *, calib=None) -> MultiExitModel:
+        """A standalone model holding copies of only ``arch``'s blocks and heads, in the
+        supernet's train/eval mode. With ``calib`` (batches, normally
+        :func:`calibration_batches`) its BN statistics are re-estimated for ``arch.depths``
+        first, as the evaluation cache's are: the model the search scored. Without, the
+        supernet's current statistics are copied (a fresh model, a fine-tuning start)."""
         arch.validate(self.space)
+        if calib is None:
+            return self._copy(arch).train(self.training)
+        was = self.training
+        with self.calibrated(arch.depths, calib):
+            return self._copy(arch).train(was)
+
+    def _copy(self, arch: Arch) -> MultiExitModel:
         cuts = [e.position for e in arch.exits]
         segments: list[nn.Module] = []
         current: list[nn.Module] = [copy.deepcopy(self.stem)]
@@ -133,9 +185,8 @@ class Supernet(nn.Module):
         segments.append(nn.Sequential(*current))
         heads = [copy.deepcopy(self.heads[e.key]) for e in arch.exits] + [copy.deepcopy(self.final)]
         names = [e.key for e in arch.exits] + ["final"]
-        model = MultiExitModel(segments=segments, heads=heads, policy=arch.policy,
-                               thresholds=arch.thresholds, exit_names=names)
-        return model.train(self.training)
+        return MultiExitModel(segments=segments, heads=heads, policy=arch.policy,
+                              thresholds=arch.thresholds, exit_names=names)
 
 
 def weights_digest(module: nn.Module) -> str:

@@ -392,15 +392,14 @@ def accuracy(net: nn.Module, data, splits: Splits, *, depths=None, batch_size: i
 
 
 def _supernet_eval(net, splits: Splits, space: Space, device) -> dict:
-    """Val accuracy of the largest and smallest networks after BN recalibration, on a copy so
-    training is not affected."""
+    """Val accuracy of the largest and smallest networks after BN recalibration (the
+    evaluation cache's batches), on a copy so training is not affected."""
+    from .supernet import calibration_batches
+
     probe = copy.deepcopy(net)
     out = {}
     for name, depths in (("largest", space.max_depths), ("smallest", space.min_depths)):
-        calib = batches(splits.train, batch_size=space.data.batch_size, mean=splits.mean,
-                        std=splits.std, shuffle=True, seed=space.supernet.seed)
-        calib = ((x.to(device), y) for _, (x, y) in zip(range(space.supernet.bn_calib_batches), calib))
-        probe.recalibrate_bn(depths, calib)
+        probe.recalibrate_bn(depths, calibration_batches(space, splits, device=device))
         acc = accuracy(probe, splits.val, splits, depths=depths,
                        batch_size=space.data.eval_batch_size, device=device)
         out[f"val_acc_{name}"] = acc[-1]

@@ -16,7 +16,7 @@ from exitnas.evaluate import (ArchStats, ExitCache, cache_digest, decide, exit_i
                               load_or_build_cache, score)
 from exitnas.policy import POLICIES, ExitStats, first_exit, get_policy
 from exitnas.rundir import RunDir
-from exitnas.supernet import Supernet
+from exitnas.supernet import Supernet, calibration_batches
 
 N_ARCHS = 30
 
@@ -84,9 +84,9 @@ def test_cached_scoring_equals_extracted_model_predict(trained):
     labels = splits.val.labels
     n = len(labels)
     for depths, group in by_depth.items():
-        cache = load_or_build_cache(run, net, depths, splits)  # recalibrates BN for depths
+        cache = load_or_build_cache(run, net, depths, splits)
         for base in group:
-            model = net.extract(base).eval()
+            model = net.extract(base, calib=calibration_batches(space, splits)).eval()
             stats = ArchStats.from_cache(cache, base, costs)
             for policy in ("max_softmax", "entropy", "patience"):
                 for _ in range(3):
@@ -117,7 +117,7 @@ def test_threshold_equal_to_a_confidence_exits_there(trained):
     arch = Arch(depths=(2, 2), exits=(Exit(0, 0, "linear"), Exit(1, 0, "conv")),
                 thresholds=(0.5, 0.5))
     cache = load_or_build_cache(run, net, arch.depths, splits)
-    model = net.extract(arch).eval()
+    model = net.extract(arch, calib=calibration_batches(space, splits)).eval()
     stats = ArchStats.from_cache(cache, arch, cost_table(space))
     t0 = float(np.sort(stats.conf[0])[len(stats.labels) // 2])
     params = (t0, 1.0)
@@ -135,7 +135,7 @@ def test_from_model_equals_from_cache(trained):
     arch = Arch(depths=(2, 2), exits=(Exit(0, 1, "sdn_pool"), Exit(1, 0, "mlp")),
                 thresholds=(0.6, 0.7))
     cache = load_or_build_cache(run, net, arch.depths, splits)
-    model = net.extract(arch)
+    model = net.extract(arch, calib=calibration_batches(space, splits))
     a = ArchStats.from_cache(cache, arch, costs)
     b = ArchStats.from_model(model, batches(splits.val, batch_size=space.data.eval_batch_size,
                                             mean=splits.mean, std=splits.std),
@@ -239,3 +239,59 @@ def test_score_by_hand():
     assert cache.rows(arch).tolist() == [0, 2, 3]
     with pytest.raises(ValueError, match="not in the cache"):
         cache.rows(Arch(depths=(2, 2), exits=(Exit(0, 0, "mlp"),), thresholds=(0.5,)))
+
+
+
+def _bn_buffers(module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()
+            if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_extract_after_a_cache_hit_has_fresh_bn_statistics(trained, tmp_path):
+    """Build the caches of depths A then B, get A again (a hit: nothing rebuilt), extract A:
+    its BN buffers and outputs equal a fresh recalibration of A, and the cache's statistics
+    are that model's. (Before the fix the extract inherited B's statistics.)"""
+    import copy
+
+    space, splits, trained_net, _ = trained
+    net = copy.deepcopy(trained_net)
+    before = _bn_buffers(net)
+    run = RunDir(tmp_path / "run")
+    run.init(space)
+    arch = Arch(depths=(1, 2), exits=(Exit(0, 0, "conv"), Exit(1, 0, "sdn_pool")),
+                thresholds=(0.5, 0.5))
+    fresh = copy.deepcopy(trained_net)
+    fresh.recalibrate_bn(arch.depths, calibration_batches(space, splits))
+    want = fresh.extract(arch).eval()
+
+    load_or_build_cache(run, net, arch.depths, splits)
+    load_or_build_cache(run, net, (2, 1), splits)
+    files = {p: p.stat().st_mtime_ns for p in (run.path / "cache").glob("*.safetensors")}
+    assert len(files) == 2
+    hit = load_or_build_cache(run, net, arch.depths, splits)
+    assert {p: p.stat().st_mtime_ns for p in (run.path / "cache").glob("*.safetensors")} == files
+    got = net.extract(arch, calib=calibration_batches(space, splits)).eval()
+
+    want_state, got_state = want.state_dict(), got.state_dict()
+    assert sorted(want_state) == sorted(got_state)
+    assert sum(k.endswith("running_mean") for k in want_state) >= 4  # stem, blocks, conv head
+    for k in want_state:
+        assert torch.equal(want_state[k], got_state[k]), k
+    x = next(batches(splits.val, batch_size=64, mean=splits.mean, std=splits.std))[0]
+    with torch.no_grad():
+        for a, b in zip(want.forward_exits(x), got.forward_exits(x)):
+            assert torch.equal(a, b)
+    costs = cost_table(space)
+    from_model = ArchStats.from_model(got, batches(splits.val, batch_size=space.data.eval_batch_size,
+                                                   mean=splits.mean, std=splits.std),
+                                      exit_macs=costs.exit_costs(arch), backbone_macs=costs.backbone())
+    from_cache = ArchStats.from_cache(hit, arch, costs)
+    assert np.array_equal(from_model.conf, from_cache.conf)
+    assert np.array_equal(from_model.pred, from_cache.pred)
+    # the recalibration matters: the supernet's own (training) statistics give other buffers
+    plain = net.extract(arch).state_dict()
+    assert not all(torch.equal(plain[k], want_state[k]) for k in want_state)
+    # neither the builds nor the hit nor the extraction touched the supernet's own statistics
+    after = _bn_buffers(net)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert net.training == trained_net.training

@@ -129,3 +129,74 @@ def test_extract_rejects_archs_outside_the_space(tiny_space):
     with pytest.raises(ArchError, match="not a candidate"):
         net.extract(Arch(depths=(1, 1), exits=(Exit(0, 1, "linear"),), policy="max_softmax",
                          thresholds=(0.5,)))
+
+
+def _bn_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()
+            if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_calibration_batches_are_fixed_train_batches(tiny_space):
+    """``supernet.bn_calib_batches`` un-augmented train batches in the ``supernet.seed`` order,
+    the same on every call."""
+    from exitnas.data import batches, load_splits
+    from exitnas.supernet import calibration_batches
+
+    space = tiny_space.with_overrides({"data.augment": True, "supernet.bn_calib_batches": 3})
+    splits = load_splits(space)
+    got = list(calibration_batches(space, splits))
+    assert len(got) == 3 and all(len(y) == space.data.batch_size for _, y in got)
+    again = list(calibration_batches(space, splits))
+    want = list(batches(splits.train, batch_size=space.data.batch_size, mean=splits.mean,
+                        std=splits.std, shuffle=True, seed=space.supernet.seed))[:3]
+    for (x, y), (x2, y2), (xw, yw) in zip(got, again, want):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+        assert torch.equal(x, xw) and torch.equal(y, yw)
+    other = next(calibration_batches(space.with_overrides({"supernet.seed": 7}), splits))
+    assert not torch.equal(other[1], got[0][1])
+
+
+def test_calibrated_extract_leaves_the_supernet_as_it_was(tiny_space):
+    """``extract(arch, calib=...)`` equals recalibrating ``arch.depths`` then extracting, for
+    any depth setting asked before; the supernet's own BN statistics and mode are restored."""
+    import copy
+
+    from exitnas.data import load_splits
+    from exitnas.supernet import calibration_batches
+
+    torch.manual_seed(0)
+    splits = load_splits(tiny_space)
+    net = Supernet(tiny_space)
+    _perturb_bn(net, 2)
+    net.train()
+    before = _bn_state(net)
+    arch = Arch(depths=(1, 2), exits=(Exit(0, 0, "conv"),), thresholds=(0.5,))
+    ref = copy.deepcopy(net)
+    ref.recalibrate_bn(arch.depths, calibration_batches(tiny_space, splits))
+    want = ref.extract(arch).state_dict()
+    with net.calibrated((2, 1), calibration_batches(tiny_space, splits)) as inside:
+        assert inside is net and not net.training
+        assert not torch.equal(net.stages[1][0].bn1.running_mean, before["stages.1.0.bn1.running_mean"])
+    for other in ((2, 1), (2, 2)):  # whatever was asked before does not leak into the extract
+        net.extract(Arch(depths=other, exits=(), policy="max_softmax"),
+                    calib=calibration_batches(tiny_space, splits))
+        model = net.extract(arch, calib=calibration_batches(tiny_space, splits))
+        assert model.training  # the supernet's mode
+        got = model.state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want)
+        assert net.training
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    plain = net.extract(arch).state_dict()  # no calib: the supernet's own statistics
+    assert not all(torch.equal(want[k], plain[k]) for k in want)
+
+
+def test_calibrated_restores_after_an_error(tiny_space):
+    net = Supernet(tiny_space)
+    _perturb_bn(net, 3)
+    net.eval()
+    before = _bn_state(net)
+    with pytest.raises(ValueError, match="no batches"):
+        with net.calibrated((1, 1), iter(())):
+            pass
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert not net.training

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli, tree_digest
-from exitnas.data import batches, load_splits
+from exitnas.data import load_splits
 from exitnas.errors import CheckpointError, TrainingError
 from exitnas.io import load_checkpoint, load_weights
 from exitnas.rundir import RunDir
-from exitnas.supernet import Supernet
+from exitnas.supernet import Supernet, calibration_batches
 from exitnas.train import (SandwichStep, accuracy, read_metrics, sandwich_depths,
                            train_supernet)
 
@@ -211,10 +211,8 @@ def _exit_accuracies(space, weights, depth_settings):
     splits = load_splits(space)
     out = {}
     for depths in depth_settings:
-        calib = batches(splits.train, batch_size=space.data.batch_size, mean=splits.mean,
-                        std=splits.std, shuffle=True, seed=0)
-        net.recalibrate_bn(depths, (b for _, b in zip(range(space.supernet.bn_calib_batches), calib)))
-        acc = accuracy(net, splits.val, splits, depths=depths, batch_size=512, device=CPU)
+        with net.calibrated(depths, calibration_batches(space, splits)):
+            acc = accuracy(net, splits.val, splits, depths=depths, batch_size=512, device=CPU)
         names = [e.key for e in net.candidate_exits(depths)] + ["final"]
         out[depths] = dict(zip(names, acc))
     return out
