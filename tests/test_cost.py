@@ -10,14 +10,43 @@ import torch
 from conftest import SPACES
 from exitnas.arch import Arch, Exit, sample_arch
 from exitnas.cli import main
-from exitnas.cost import build_cost_table, cost_table, count_macs, model_segment_macs
+from exitnas.cost import (EXTRA_HANDLES, build_cost_table, cost_table, count_macs,
+                          model_segment_macs)
 from exitnas.heads import build_head
 from exitnas.space import load_space, parse_space
 from exitnas.supernet import Supernet
 
 
+class _AllExits(torch.nn.Module):
+    """A whole extracted model as one module returning every exit's logits, so fvcore's
+    tracer keeps every head."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tuple(self.model.forward_exits(x))
+
+
+def _whole_model_macs(model, shape) -> int:
+    """One fvcore pass over the whole model (not count_macs, not per segment)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(_AllExits(model.eval()), torch.zeros(1, *shape))
+    analysis.set_op_handle(**EXTRA_HANDLES)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return int(analysis.total())
+
+
 @pytest.mark.parametrize("name", ["quickstart", "resnet_cifar", "mobilenetv2_cifar"])
 def test_segment_sum_equals_direct_count_of_extracted_model(name):
+    """The table's C_k (supernet segments, summed) equal the extracted model's own segments,
+    and the last one equals a single fvcore trace of the whole extracted model."""
     space = load_space(SPACES / f"{name}.yaml")
     net = Supernet(space)
     table = build_cost_table(net)
@@ -26,7 +55,9 @@ def test_segment_sum_equals_direct_count_of_extracted_model(name):
     for _ in range(4):
         arch = sample_arch(space, rng)
         costs = table.exit_costs(arch)
-        assert costs == model_segment_macs(net.extract(arch), shape)
+        model = net.extract(arch)
+        assert costs == model_segment_macs(model, shape)
+        assert costs[-1] == _whole_model_macs(model, shape)
         assert costs == sorted(costs)  # C_k is non-decreasing in k
         assert all(b > a for a, b in zip(costs, costs[1:]))  # every segment costs something
 
@@ -83,12 +114,41 @@ def test_resnet20_cifar_matches_fvcore_reference():
     assert abs(macs - 40.9e6) / 40.9e6 < 0.01, macs  # STACK.md: ResNet-20 w16 = 40,931,968
 
 
+def test_tiny_table_matches_hand_counted_macs(tiny_space):
+    """The table against MACs counted by hand (conv: Cout*Cin*k*k*Hout*Wout; eval-mode BN: 2
+    per element, as fvcore counts it; residual add: 1 per element; global average pool: 1 per
+    input element; linear: in*out). Input 3x8x8, stem 8, stages 8 (stride 1) and 16 (stride 2)."""
+    table = cost_table(tiny_space)
+    conv = lambda cout, cin, k, hw: cout * cin * k * k * hw * hw  # noqa: E731
+    bn = lambda c, hw: 2 * c * hw * hw  # noqa: E731
+    assert table.stem == conv(8, 3, 3, 8) + bn(8, 8) == 14_848
+    same = 2 * (conv(8, 8, 3, 8) + bn(8, 8)) + 8 * 8 * 8  # two conv-BN, the add
+    assert table.blocks[(0, 0)] == table.blocks[(0, 1)] == same == 76_288
+    down = (conv(16, 8, 3, 4) + bn(16, 4) + conv(16, 16, 3, 4) + bn(16, 4)
+            + conv(16, 8, 1, 4) + bn(16, 4) + 16 * 4 * 4)  # 1x1 conv-BN shortcut, the add
+    assert table.blocks[(1, 0)] == down == 59_136
+    assert table.blocks[(1, 1)] == 2 * (conv(16, 16, 3, 4) + bn(16, 4)) + 16 * 4 * 4
+    assert table.heads[(1, 0, "linear")] == table.final == 16 * 4 * 4 + 16 * 4 == 320
+    assert table.heads[(0, 1, "mlp")] == 8 * 8 * 8 + 8 * 8 + 8 * 4  # pool, Linear 8->8, 8->4
+    assert table.heads[(0, 0, "conv")] == conv(8, 8, 3, 8) + bn(8, 8) + 8 * 8 * 8 + 8 * 4
+
+
 def test_cost_is_batch_one(tiny_space):
-    """Counting is per image: the table does not depend on any batch size."""
-    net = Supernet(tiny_space)
-    assert count_macs(net.stem, (3, 8, 8)) == cost_table(tiny_space).stem
-    x = torch.zeros(1, 3, 8, 8)
-    assert net.stem(x).shape[0] == 1
+    """Counting is per image: fvcore itself (no handlers of ours), run directly on a batch of
+    4, counts 4x the table's entries for the stem and a linear head (ops fvcore counts)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+    net = Supernet(tiny_space).eval()
+    table = cost_table(tiny_space)
+    for module, shape, want in ((net.stem, (3, 8, 8), table.stem),
+                                (net.heads["s1b0=linear"], (16, 4, 4), table.heads[(1, 0, "linear")])):
+        analysis = FlopCountAnalysis(module, torch.zeros(4, *shape))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        assert int(analysis.total()) == 4 * want
 
 
 def test_cost_cli_json(capsys):
