@@ -1,6 +1,8 @@
 """Datasets and splits: bundled digits, synthetic, ImageFolder; val held out and never augmented."""
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -10,24 +12,76 @@ from exitnas.data import augment, batches, load_splits
 from exitnas.errors import DataError
 
 
+def _samples(ts) -> Counter:
+    """Every sample of a split as (image bytes, label), counted."""
+    return Counter((bytes(x.numpy()), int(y)) for x, y in zip(ts.images, ts.labels))
+
+
 def test_digits_splits_are_disjoint_and_fixed(quick_space):
+    """train / val / test partition scikit-learn's digits (every image is distinct, so its
+    bytes name the sample): nothing lost, nothing in two splits; val is the ``split_seed``
+    hold-out of train, the same on every load and moved by no other seed."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    full = Counter((bytes((img * 15).astype(np.uint8).tobytes()), int(t))
+                   for img, t in zip(d.images, d.target))
+    assert len(full) == 1797  # distinct: a shared sample would show as a shared key below
     a = load_splits(quick_space)
-    b = load_splits(quick_space)
-    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    train, val, test = _samples(a.train), _samples(a.val), _samples(a.test)
+    assert train + val + test == full
+    assert not train & val and not train & test and not val & test
     assert len(a.val) == round((len(a.train) + len(a.val)) * quick_space.data.val_fraction)
-    assert torch.equal(a.val.images, b.val.images)  # same seed, same split
-    rows = lambda s: {bytes(x.numpy()) for x in s.images}  # noqa: E731
-    assert not rows(a.val) & rows(a.test)
+    b = load_splits(quick_space)  # same seed, same split, same order
+    for x, y in ((a.train, b.train), (a.val, b.val), (a.test, b.test)):
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+    other_seeds = load_splits(quick_space.with_overrides({"supernet.seed": 5, "search.seed": 5,
+                                                          "retrain.seed": 5}))
+    assert torch.equal(other_seeds.val.images, a.val.images)
+    moved = load_splits(quick_space.with_overrides({"data.split_seed": 1}))
+    assert _samples(moved.test) == test  # the test split is fixed by the dataset
+    assert _samples(moved.val) != val and _samples(moved.train) + _samples(moved.val) == train + val
+    assert not _samples(moved.train) & _samples(moved.val)
     assert a.train.images.dtype == torch.uint8 and a.train.images.shape[1:] == (1, 8, 8)
     assert a.classes == tuple(str(i) for i in range(10))
 
 
-def test_val_batches_are_never_augmented(quick_space):
-    s = load_splits(quick_space.with_overrides({"data.augment": True}))
+def test_val_and_test_are_never_augmented(tiny_space, tmp_path, monkeypatch):
+    """With ``data.augment`` on, the real pipeline augments training batches, and only
+    those: evaluation (exit accuracies, the val and test caches) and BN calibration never
+    call ``augment`` (a spy around the real function records every image it is given)."""
+    import exitnas.data
+    from exitnas.evaluate import load_or_build_cache
+    from exitnas.rundir import RunDir
+    from exitnas.supernet import Supernet, calibration_batches
+    from exitnas.train import Dist, accuracy, train_batches
+
+    space = tiny_space.with_overrides({"data.augment": True})
+    s = load_splits(space)
+    seen: list[bytes] = []
+    real = exitnas.data.augment
+
+    def spy(images, generator):
+        seen.extend(bytes(x.numpy()) for x in images)
+        return real(images, generator)
+
+    monkeypatch.setattr(exitnas.data, "augment", spy)
+    data, steps = train_batches(s, space, seed=0, epoch=0, dist=Dist(), batch_size=16)
+    assert sum(1 for _ in data) == steps
+    train = {bytes(x.numpy()) for x in s.train.images}
+    assert len(seen) == steps * 16 and set(seen) <= train
+    seen.clear()
+    net = Supernet(space).eval()
+    run = RunDir(tmp_path / "run")
+    run.init(space)
+    accuracy(net, s.val, s, depths=space.max_depths, batch_size=64, device=torch.device("cpu"))
+    for split in ("val", "test"):
+        load_or_build_cache(run, net, space.min_depths, s, split=split)
+    list(calibration_batches(space, s))
+    assert seen == []
     first = next(batches(s.val, batch_size=32, mean=s.mean, std=s.std))[0]
-    again = next(batches(s.val, batch_size=32, mean=s.mean, std=s.std))[0]
-    assert torch.equal(first, again)
-    raw = (s.val.images[:32].float() / 255 - s.mean[0]) / s.std[0]
+    raw = (s.val.images[:len(first)].float() / 255 - torch.tensor(s.mean).view(1, -1, 1, 1)) / \
+        torch.tensor(s.std).view(1, -1, 1, 1)
     assert torch.allclose(first, raw)
 
 
@@ -47,14 +101,51 @@ def test_distributed_shards_are_disjoint_and_equal(tiny_space):
     assert len(r0) == len(r1) == len(s.train) // 2
 
 
-def test_augment_crops_and_flips_real_pixels():
+def _transforms(x: torch.Tensor, out: torch.Tensor, pad: int) -> list[tuple[int, int, bool]]:
+    """For every image, the one (dy, dx, flip) whose crop of the zero-padded input it is."""
+    h, w = x.shape[2:]
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    found = []
+    for i in range(len(x)):
+        hits = [(dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                for flip in (False, True)
+                if torch.equal(out[i], (lambda c: c.flip(2) if flip else c)(
+                    padded[i, :, dy:dy + h, dx:dx + w]))]
+        assert len(hits) == 1, (i, hits)
+        found.append(hits[0])
+    return found
+
+
+def test_augment_crops_and_flips_each_image():
+    """Every output is a crop (offset 0..2*pad) of its own zero-padded image, flipped or not;
+    the crops and flips vary, most images change, and the same seed gives the same result."""
     g = torch.Generator().manual_seed(0)
-    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.uint8).reshape(2, 1, 8, 8)
-    out = augment(x, g)
+    x = torch.randint(1, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=g)  # no zeros
+    out = augment(x, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and out.dtype == torch.uint8
-    # every non-zero output pixel comes from its own image
-    for i in range(2):
-        assert set(out[i][out[i] > 0].tolist()) <= set(x[i].flatten().tolist())
+    found = _transforms(x, out, pad=2)
+    identity = (2, 2, False)
+    assert sum(t != identity for t in found) >= 48  # expected 64 * 49/50
+    assert len(set(found)) >= 20 and {f for _, _, f in found} == {False, True}
+    assert {dy for dy, _, _ in found} == {dx for _, dx, _ in found} == set(range(5))
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(1)))
+    assert not torch.equal(out, augment(x, torch.Generator().manual_seed(2)))
+
+
+def test_train_batches_are_augmented_deterministically(tiny_space):
+    """``augment_images`` changes the images of the same batches (same order, same labels),
+    the same way for the same seed."""
+    s = load_splits(tiny_space)
+    kw = dict(batch_size=32, mean=s.mean, std=s.std, shuffle=True, seed=3)
+    plain = list(batches(s.train, **kw))
+    aug = list(batches(s.train, augment_images=True, **kw))
+    again = list(batches(s.train, augment_images=True, **kw))
+    assert [y.tolist() for _, y in plain] == [y.tolist() for _, y in aug]
+    changed = sum(int((a != p).flatten(1).any(1).sum()) for (a, _), (p, _) in zip(aug, plain))
+    assert changed >= len(s.train) // 2
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(aug, again))
+    other = list(batches(s.train, augment_images=True, **dict(kw, seed=4)))
+    assert not torch.equal(other[0][0], aug[0][0])
 
 
 def _write_folder(root, classes=("cat", "dog"), per_class=6, size=8):
