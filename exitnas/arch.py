@@ -275,14 +275,20 @@ def sample_arch(space: Space, rng: random.Random) -> Arch:
     [min_exits, max_exits] (capped by the active positions), positions uniform without
     replacement, heads uniform, policy uniform, thresholds uniform in the policy's range."""
     depths = tuple(rng.choice(st.depths) for st in space.backbone.stages)
+    exits = sample_exits(space, depths, rng)
+    policy = rng.choice(space.policy.names)
+    return Arch(depths=depths, exits=exits, policy=policy,
+                thresholds=sample_params(space, policy, len(exits), rng))
+
+
+def sample_exits(space: Space, depths: tuple[int, ...], rng: random.Random) -> tuple[Exit, ...]:
+    """Uniform random early exits at ``depths``: their number uniform in [min_exits,
+    max_exits] (capped by the active positions), positions uniform without replacement, heads
+    uniform (network order)."""
     positions = space.positions(depths)
     hi = min(space.exits.max_exits, len(positions))
     n = rng.randint(min(space.exits.min_exits, hi), hi)
-    chosen = sorted(rng.sample(positions, n))
-    exits = tuple(Exit(s, b, rng.choice(space.exits.heads)) for s, b in chosen)
-    policy = rng.choice(space.policy.names)
-    return Arch(depths=depths, exits=exits, policy=policy,
-                thresholds=sample_params(space, policy, n, rng))
+    return tuple(Exit(s, b, rng.choice(space.exits.heads)) for s, b in sorted(rng.sample(positions, n)))
 
 
 def sample_params(space: Space, policy: str, n_exits: int, rng: random.Random) -> tuple[float, ...]:

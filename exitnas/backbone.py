@@ -73,6 +73,34 @@ def load_backbone(net, path: str | Path):
     return net
 
 
+def backbone_file(run_dir: RunDir, space: Space) -> Path:
+    """The trained backbone a supernet grows from: ``backbone.weights`` when set, else
+    ``RUN/backbone/weights.safetensors``; a one-line RunDirError says how to get one."""
+    from .errors import RunDirError
+
+    if space.backbone.weights is not None:
+        path = Path(space.backbone.weights)
+        if not path.is_file():
+            raise RunDirError(f"backbone.weights {str(path)!r}: file not found")
+        return path
+    path = run_dir.path / "backbone" / "weights.safetensors"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir.path}: no trained backbone to grow the supernet from (no "
+                          "backbone/weights.safetensors); run `exitnas train-backbone` first, set "
+                          "backbone.weights, or set supernet.init=scratch")
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class _FinalExitStep(nn.Module):
     """The backbone's forward and loss as one module (so DDP sees one graph)."""
 
@@ -179,5 +207,5 @@ def train_backbone(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
                           start)
 
 
-__all__ = ["train_backbone", "load_backbone", "backbone_state", "BackboneResult",
+__all__ = ["train_backbone", "load_backbone", "backbone_state", "backbone_file", "BackboneResult",
            "BACKBONE_PREFIXES"]

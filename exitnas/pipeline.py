@@ -64,6 +64,11 @@ def run_pipeline(run: RunDir, space: Space, *, log: Callable[[str], None] = prin
     from .train import train_supernet
 
     space = run.init(space)
+    if space.supernet.init == "backbone" and space.backbone.weights is None:
+        from .backbone import train_backbone
+
+        log(f"[0/5] backbone -> {run.path / 'backbone'}")
+        train_backbone(run, space, log=log)
     log(f"[1/5] supernet -> {run.path / 'supernet'}")
     train_supernet(run, space, log=log)
 

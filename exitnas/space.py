@@ -56,6 +56,9 @@ class BackboneConfig:
     stages: tuple[StageConfig, ...] = field(nonempty=True, doc="one entry per stage, in order")
     final_head: str = field("linear", choices=heads.HEADS, doc="head of the final exit")
     final_channels: int | None = field(None, ge=1, le=65536, doc="1x1 conv width before the final head")
+    weights: str | None = field(None, doc="trained backbone weights to grow the supernet from "
+                                          "(safetensors, names as train-backbone writes them); "
+                                          "default: RUN/backbone/weights.safetensors")
 
     def __post_init__(self) -> None:
         allowed = blocks.FAMILIES.get(self.family).blocks
@@ -132,10 +135,10 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BackboneTrainingConfig:
-    epochs: int = field(30, ge=1, doc="epochs of the full-depth backbone with its final exit only (stage 0)")
+    epochs: int = field(30, ge=1, le=EPOCHS_MAX, doc="epochs of the full-depth backbone with its final exit only (stage 0)")
     optim: OptimConfig = field(OptimConfig(), doc="optimizer settings")
     label_smoothing: float = field(0.0, ge=0.0, lt=1.0, doc="label smoothing of the cross-entropy")
-    seed: int = field(0, doc="training seed (initial weights and data order)")
+    seed: int = field(0, ge=0, le=SEED_MAX, doc="training seed (initial weights and data order)")
     channels_last: bool = field(False, doc="channels_last memory format (faster on CPU)")
 
 
@@ -149,6 +152,14 @@ class SupernetConfig:
     bn_calib_batches: int = field(10, ge=1, le=2**20, doc="train batches to re-estimate BN statistics")
     seed: int = field(0, ge=0, le=SEED_MAX, doc="training seed")
     channels_last: bool = field(False, doc="channels_last memory format (faster on CPU)")
+    init: Literal["backbone", "scratch"] = field(
+        "scratch", doc="backbone: grow the supernet from the trained backbone (backbone.weights, "
+                        "else RUN/backbone/); scratch: random initial weights")
+    heads: Literal["detached", "sampled"] = field(
+        "detached", doc="detached: every candidate head learns on detached features; sampled: "
+                        "per sub-network one sampled exit set (<= exits.max_exits) also trains "
+                        "the backbone. disjoint = backbone + detached, mixed = backbone + "
+                        "sampled, joint = scratch + sampled")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +267,7 @@ class Space:
         import json
 
         core = {k: to_dict(getattr(self, k)) for k in ("num_classes", "input", "backbone", "exits")}
+        del core["backbone"]["weights"]  # where trained weights come from is not the network
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._config import to_dict
+from .arch import sample_exits
 from .data import Splits, batches, load_splits
 from .errors import CheckpointError, ConfigError, TrainingError
 from .io import atomic_write_text, load_checkpoint, save_checkpoint
@@ -311,10 +312,10 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def exits_forward(net: nn.Module, x: torch.Tensor, depths: Sequence[int], *,
-                  head_grad: float) -> list[torch.Tensor]:
+                  head_grad: float, full: frozenset = frozenset()) -> list[torch.Tensor]:
     """``net.forward_exits`` with every candidate exit at ``depths``; the gradient each early
     head sends back into the backbone is multiplied by ``head_grad`` (0 = heads learn on
-    detached features)."""
+    detached features), except for the exits in ``full``, whose gradient is passed whole."""
     exits = net.candidate_exits(depths)
     if head_grad == 1.0:
         return net.forward_exits(x, depths, exits)
@@ -324,7 +325,7 @@ def exits_forward(net: nn.Module, x: torch.Tensor, depths: Sequence[int], *,
             return (args[0].detach(),)
         return (_ScaleGrad.apply(args[0], head_grad),)
 
-    handles = [net.heads[e.key].register_forward_pre_hook(hook) for e in exits]
+    handles = [net.heads[e.key].register_forward_pre_hook(hook) for e in exits if e not in full]
     try:
         return net.forward_exits(x, depths, exits)
     finally:
@@ -338,14 +339,20 @@ class SandwichStep(nn.Module):
     from the largest's final exit (or from the labels when ``distill`` is off), every candidate
     exit active. Returns the summed loss and the largest network's final-exit loss (detached).
 
-    Per pass the loss is ``L_final + head_weight × Σ_h L_h`` over the H active candidate heads,
-    and the gradient the heads send into the backbone is scaled so that the backbone sees
-    ``L_final + head_share × mean_h L_h``. Each head thus learns from its own loss at a fixed
-    strength however many candidate heads there are (a mean over heads would give each of
-    dozens of heads a dozenth of a learning rate). Defaults, measured on the quickstart space:
-    ``head_weight`` 0.5 (1.0 diverged at lr 0.05 while sdn_pool's mixing weight was unbounded;
-    early heads sit in all 2 + n passes) and ``head_share`` 0 (heads on detached features: a
-    share of 0.1-0.5 lowered both the final exit's and the heads' accuracy after 3-8 epochs)."""
+    Per pass the loss is ``L_final + head_weight × Σ_h L_h`` over the H candidate heads that
+    learn detached, and the gradient they send into the backbone is scaled so that the
+    backbone sees ``L_final + head_share × mean_h L_h``. Each head thus learns from its own loss
+    at a fixed strength however many candidate heads there are (a mean over heads would give
+    each of dozens of heads a dozenth of a learning rate). Defaults, measured on the quickstart
+    space: ``head_weight`` 0.5 (1.0 diverged at lr 0.05 while sdn_pool's mixing weight was
+    unbounded; early heads sit in all 2 + n passes) and ``head_share`` 0 (heads on detached
+    features: a share of 0.1-0.5 lowered both the final exit's and the heads' accuracy after
+    3-8 epochs).
+
+    ``exit_sets`` (``supernet.heads: sampled``; one per pass, the largest first) name the exits
+    of the sub-network each pass stands for: those train the backbone as a multi-exit model
+    does (``L_final + Σ_{e in set} L_e``, mean_ce's weighting up to a constant, the gradient
+    passed whole), while the other candidate heads learn detached as above."""
 
     def __init__(self, net: nn.Module, *, distill: bool, temperature: float,
                  head_weight: float = 0.5, head_share: float = 0.0) -> None:
@@ -356,23 +363,29 @@ class SandwichStep(nn.Module):
         self.head_weight = head_weight
         self.head_share = head_share
 
-    def _pass(self, x, depths, fn) -> tuple[torch.Tensor, torch.Tensor]:
-        n_heads = len(self.net.candidate_exits(depths))
-        scale = self.head_share / max(1, n_heads) / self.head_weight
-        logits = exits_forward(self.net, x, depths, head_grad=scale)
+    def _pass(self, x, depths, fn, sampled=()) -> tuple[torch.Tensor, torch.Tensor]:
+        cands = self.net.candidate_exits(depths)
+        full = frozenset(sampled)
+        scale = self.head_share / max(1, len(cands) - len(full)) / self.head_weight
+        logits = exits_forward(self.net, x, depths, head_grad=scale, full=full)
         loss = fn(logits[-1])
-        if len(logits) > 1:
-            loss = loss + self.head_weight * torch.stack([fn(z) for z in logits[:-1]]).sum()
+        detached = [fn(z) for e, z in zip(cands, logits) if e not in full]
+        if detached:
+            loss = loss + self.head_weight * torch.stack(detached).sum()
+        trained = [fn(z) for e, z in zip(cands, logits) if e in full]
+        if trained:
+            loss = loss + torch.stack(trained).sum()
         return loss, logits[-1]
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor,
-                depths: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, depths: Sequence[tuple[int, ...]],
+                exit_sets: Sequence[Sequence] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        sets = list(exit_sets) if exit_sets is not None else [()] * (1 + len(depths))
         ce = lambda z: F.cross_entropy(z, y)  # noqa: E731
-        total, final = self._pass(x, self.net.space.max_depths, ce)
+        total, final = self._pass(x, self.net.space.max_depths, ce, sets[0])
         teacher = final.detach()
         kd = (lambda z: soft_distill(z, teacher, self.temperature)) if self.distill else ce
-        for d in depths:
-            total = total + self._pass(x, d, kd)[0]
+        for d, exits in zip(depths, sets[1:]):
+            total = total + self._pass(x, d, kd, exits)[0]
         return total, F.cross_entropy(teacher, y)
 
 
@@ -417,9 +430,15 @@ class SupernetResult:
     resumed_from: int = 0
 
 
-def supernet_settings(space: Space) -> dict:
-    """What shapes a supernet run; a checkpoint made with other values is not resumed."""
-    return {"supernet": to_dict(space.supernet), "data": to_dict(space.data)}
+def supernet_settings(space: Space, backbone: Path | None = None) -> dict:
+    """What shapes a supernet run (with the sha256 of the backbone it grows from); a
+    checkpoint made with other values is not resumed."""
+    from .backbone import file_sha256
+
+    out = {"supernet": to_dict(space.supernet), "data": to_dict(space.data)}
+    if backbone is not None:
+        out["backbone_sha256"] = file_sha256(backbone)
+    return out
 
 
 def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
@@ -438,8 +457,12 @@ def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
     if run_dir.exists() and run_dir.space().fingerprint != space.fingerprint:
         run_dir.init(space)  # raises: another space's run directory, nothing written
     identity = {"kind": "supernet", "space": space.name, "fingerprint": space.fingerprint}
-    state = open_checkpoint(paths.checkpoint, identity=identity,
-                            settings=supernet_settings(space), resume=resume, restart=restart)
+    from .backbone import backbone_file, load_backbone
+
+    backbone = backbone_file(run_dir, space) if cfg.init == "backbone" else None
+    settings = supernet_settings(space, backbone)
+    state = open_checkpoint(paths.checkpoint, identity=identity, settings=settings,
+                            resume=resume, restart=restart)
     batch = per_rank_batch(space.data.batch_size, dist)
     if dist.is_main:
         run_dir.init(space)
@@ -449,6 +472,9 @@ def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         net = Supernet(space)
+    if backbone is not None:
+        load_backbone(net, backbone)
+        say(f"growing the supernet from the trained backbone {backbone}")
     net.to(dist.device)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -479,7 +505,10 @@ def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
 
         def step(x, y):
             depths = sandwich_depths(space, rng, cfg.random_subnets)
-            total, largest = model(x, y, depths)
+            sets = None
+            if cfg.heads == "sampled":
+                sets = [sample_exits(space, d, rng) for d in (space.max_depths, *depths)]
+            total, largest = model(x, y, depths, sets)
             total.backward()
             largest_losses.append(largest)
             return total
@@ -497,7 +526,7 @@ def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
             save_checkpoint(paths.checkpoint, {
-                "identity": identity, "settings": supernet_settings(space), "epoch": epoch + 1,
+                "identity": identity, "settings": settings, "epoch": epoch + 1,
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "metrics": history})
             write_metrics(paths.metrics, history)
