@@ -9,17 +9,26 @@ DIR holds:
                          input shape + normalisation, classes, versions, weight source, graphs,
                          every file with its sha256 (and the weights' tensor shapes)
     weights.safetensors  the MultiExitModel state dict (segments.k.*, heads.k.*)
-    weights.pt           the same state dict, torch.save (loads with torch.load(weights_only=True))
     segment_k.pt2        backbone from exit k-1 (or the input) to exit k: images -> features
     head_k.pt2           features -> logits of exit k (the last k is the final exit)
     model.pt2            images -> every exit's logits (a list, final last)
     *.onnx               the same graphs (dynamo exporter) when onnx + onnxscript import
 
-Every graph has a dynamic batch dimension (1 and up). The weights come from ``--weights``, else
-the retrained model (RUN/retrain/<arch id>/<regime>/, the config's regime first; an arch with
-the same depths and exits but other thresholds also fits), else the trained supernet with the
-arch's BatchNorm statistics recalibrated exactly as the evaluation cache does. The directory is built
-next to DIR and swapped in with one rename, so a kill -9 leaves the old or the new export whole.
+Every graph has a dynamic batch dimension (1 and up). The .pt2 archives hold no pickle: their
+weights are torch.export's raw tensor records and their sample inputs are empty (format 2;
+format 1 also wrote a pickled ``weights.pt``, read by nothing, and pickled sample inputs).
+
+ONNX is optional, the rest is not: the .pt2 graphs, weights and arch.json are written first. If
+a graph does not convert (an op without an ONNX function) or ONNX Runtime disagrees with torch,
+the export is still completed without ONNX files (arch.json's ``onnx_skipped`` says which graph
+and why) and then :class:`OnnxExportError` is raised: one line, exit status 2 from the CLI.
+``--no-onnx`` skips ONNX on purpose.
+
+The weights come from ``--weights``, else the retrained model (RUN/retrain/<arch id>/<regime>/,
+the config's regime first; an arch with the same depths and exits but other thresholds also
+fits), else the trained supernet with the arch's BatchNorm statistics recalibrated exactly as
+the evaluation cache does. The directory is built next to DIR and swapped in with one rename, so
+a kill -9 leaves the old or the new export whole.
 """
 from __future__ import annotations
 
@@ -36,13 +45,17 @@ import torch
 from torch import nn
 
 from .arch import Arch
-from .errors import CheckpointError, RunDirError
+from .errors import CheckpointError, ExitnasError, RunDirError
 from .model import MultiExitModel
 from .runtime import FORMAT, FORMAT_VERSION, sha256_file
 from .rundir import RunDir
 from .space import Space
 
 EXAMPLE_BATCH = 2  # traced batch; the exported batch dimension is dynamic (>= 1)
+
+
+class OnnxExportError(ExitnasError):
+    """A graph did not convert to ONNX; the export was written without ONNX files."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,14 +69,11 @@ class ExportResult:
 
 # ---- where the weights come from ----------------------------------------------------------
 def _calibrated_extract(net, space: Space, arch: Arch, splits) -> MultiExitModel:
-    """Recalibrate BN for ``arch.depths`` on the same deterministic train batches that
-    ``evaluate.load_or_build_cache`` uses, so the export matches the cached scores."""
-    from .data import batches
+    """``arch`` extracted with BN re-estimated for its depths on the calibration batches the
+    evaluation cache uses, so the export matches the cached scores."""
+    from .supernet import calibration_batches
 
-    calib = batches(splits.train, batch_size=space.data.batch_size, mean=splits.mean,
-                    std=splits.std, shuffle=True, seed=space.supernet.seed)
-    net.recalibrate_bn(arch.depths, (b for _, b in zip(range(space.supernet.bn_calib_batches), calib)))
-    return net.extract(arch).eval()
+    return net.extract(arch, calib=calibration_batches(space, splits)).eval()
 
 
 def _supernet_source(path: Path, space: Space, arch: Arch, splits, kind: str) -> tuple[MultiExitModel, dict]:
@@ -162,12 +172,42 @@ def _onnx_missing() -> str | None:
     return None
 
 
+def _onnx_decompositions() -> dict:
+    """Ops ONNX lacks at some shapes, written with ops it has (exactly, see exitnas.heads)."""
+    from .heads import adaptive_max_pool2d_windows
+
+    return {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_windows}
+
+
 def _to_onnx(ep, x: torch.Tensor, path: Path, n_out: int) -> None:
     names = ["logits"] if n_out == 1 else [f"logits_{k}" for k in range(n_out)]
+    table = _onnx_decompositions()
+    if any(n.target in table for n in ep.graph.nodes):
+        ep = ep.run_decompositions(table)
     # the dynamo exporter prints progress lines; keep the CLI's output ours
     with contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(ep, (x,), str(path), dynamo=True, external_data=False,
                           input_names=["x"], output_names=names)
+
+
+def _onnx_failure(err: BaseException) -> str:
+    """What an ONNX conversion failed on, in one line: the op (from the exporter's chained
+    errors) and the innermost error's first line."""
+    import re
+
+    chain, inner = [], err
+    while inner is not None and inner not in chain:
+        chain.append(inner)
+        inner = inner.__cause__ or inner.__context__
+    op = None
+    for e in chain:
+        found = re.search(r"OpOverload\(op='([\w.:]+)', overload='(\w+)'\)", str(e)) or \
+            re.search(r"target=torch\.ops\.([\w.]+)\]", str(e))
+        op = op or (found and ".".join(found.groups()))
+    text = (str(chain[-1]).strip().splitlines() or [""])[0][:200]
+    if op and "No ONNX function found" in text:
+        return f"op {op} has no ONNX function"
+    return (f"at op {op}: " if op else "") + f"{type(chain[-1]).__name__}: {text}"
 
 
 def _onnx_check(path: Path, x: torch.Tensor, ref) -> float:
@@ -184,7 +224,7 @@ def _onnx_check(path: Path, x: torch.Tensor, ref) -> float:
     refs = ref if isinstance(ref, (list, tuple)) else [ref]
     diff = max(float((torch.from_numpy(g) - r).abs().max()) for g, r in zip(got, refs))
     if not diff <= 1e-3 * (1 + max(float(r.abs().max()) for r in refs)):
-        raise RuntimeError(f"{path.name}: ONNX Runtime differs from torch by {diff:g}")
+        raise RuntimeError(f"ONNX Runtime differs from torch by {diff:g}")
     return diff
 
 
@@ -242,9 +282,30 @@ def _file_entry(root: Path, name: str) -> dict:
     return entry
 
 
+def _write_onnx(tmp: Path, programs: list, graphs: dict) -> str | None:
+    """The ONNX file of every program, each checked on ONNX Runtime against torch. Returns None
+    when all are written; at the first graph that fails, removes the ONNX files written so far
+    and returns why."""
+    for name, ep, x, ref, n_out in programs:
+        try:
+            _to_onnx(ep, x, tmp / f"{name}.onnx", n_out)
+            diff = _onnx_check(tmp / f"{name}.onnx", x, ref)
+        except Exception as err:  # an optional exporter: never lose the required outputs
+            for f in tmp.glob("*.onnx"):
+                f.unlink()
+            for g in graphs.values():
+                g.pop("onnx", None)
+                g.pop("onnx_max_abs_diff", None)
+            return f"ONNX export of graph {name} failed: {_onnx_failure(err)}"
+        graphs[name]["onnx"] = f"{name}.onnx"
+        graphs[name]["onnx_max_abs_diff"] = diff
+    return None
+
+
 def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, source: dict,
                  out: str | os.PathLike, onnx: bool = True) -> ExportResult:
-    """Write the export of ``model`` (eval mode) to ``out`` atomically."""
+    """Write the export of ``model`` (eval mode) to ``out`` atomically. Raises
+    :class:`OnnxExportError` after writing it without ONNX when a graph does not convert."""
     from .io import save_weights
 
     out = Path(out)
@@ -252,30 +313,30 @@ def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, sou
     _clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
+    failed = None
     try:
         model = model.eval()
         state = model.state_dict()
         save_weights(tmp / "weights.safetensors", state, {"arch": arch.id, "space": space.name})
         os.chmod(tmp / "weights.safetensors", 0o666 & ~_umask())  # mkstemp made it 0600
-        torch.save({k: v.detach().contiguous() for k, v in state.items()}, tmp / "weights.pt")
         onnx_skipped = None if onnx else "--no-onnx"
         onnx_skipped = onnx_skipped or _onnx_missing()
         shape = (space.input.channels, space.input.size, space.input.size)
         batch = torch.export.Dim("batch", min=1)
         graphs: dict[str, dict] = {}
+        programs = []
         for name, module, x, prefix in _graphs(model, shape):
             ep = torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
+            ep.example_inputs = None  # else torch.export.save pickles them into the archive
             torch.export.save(ep, tmp / f"{name}.pt2")
             with torch.no_grad():
                 ref = module(x)
             outs = ref if isinstance(ref, (list, tuple)) else [ref]
-            entry = {"pt2": f"{name}.pt2", "weights_prefix": prefix, "input": _shape(x),
-                     "output": [_shape(o) for o in outs] if name == "model" else _shape(outs[0])}
-            if onnx_skipped is None:
-                _to_onnx(ep, x, tmp / f"{name}.onnx", len(outs))
-                entry["onnx"] = f"{name}.onnx"
-                entry["onnx_max_abs_diff"] = _onnx_check(tmp / f"{name}.onnx", x, ref)
-            graphs[name] = entry
+            graphs[name] = {"pt2": f"{name}.pt2", "weights_prefix": prefix, "input": _shape(x),
+                            "output": [_shape(o) for o in outs] if name == "model" else _shape(outs[0])}
+            programs.append((name, ep, x, ref, len(outs)))
+        if onnx_skipped is None:
+            onnx_skipped = failed = _write_onnx(tmp, programs, graphs)
         manifest = _manifest(space=space, arch=arch, splits=splits, source=source, graphs=graphs,
                              onnx_skipped=onnx_skipped)
         names = sorted(p.name for p in tmp.iterdir())
@@ -286,6 +347,9 @@ def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, sou
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if failed is not None:
+        raise OnnxExportError(f"{out}: {failed}; the .pt2 graphs, weights and arch.json are "
+                              "written without ONNX (arch.json: onnx_skipped); --no-onnx skips ONNX")
     return ExportResult(out=out, arch=arch, source=source, files=(*names, "arch.json"),
                         onnx_skipped=onnx_skipped)
 

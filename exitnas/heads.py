@@ -2,11 +2,18 @@
 [N, num_classes] and is built with keyword-only ``in_channels`` and ``num_classes``.
 
 Add your own with ``@HEADS.register("name")``; the name can then be used in a search space.
+
+:func:`adaptive_max_pool2d_windows` writes adaptive max pooling as the fixed windows it is
+(gather, max): ONNX has no adaptive max pooling to an output size that does not divide the
+input (SDN's 4x4 from a 7x7 or 2x2 map), so the ONNX export decomposes
+``aten.adaptive_max_pool2d`` with it. The heads keep torch's kernels (training speed, fvcore's
+counts); torch's exporter already writes adaptive average pooling exactly at every size.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .registry import Registry
 
@@ -83,6 +90,40 @@ class MLPHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.flatten(self.pool(x), 1))
+
+
+# ---- adaptive max pooling as fixed windows (for ONNX) ---------------------------------------
+def _axis_windows(n: int, out: int, device) -> tuple[torch.Tensor, int]:
+    """Adaptive pooling's windows along an axis of length ``n`` into ``out`` cells: cell i
+    covers [floor(i*n/out), ceil((i+1)*n/out)); windows overlap when ``out`` does not divide
+    ``n`` and repeat when n < out. Returns their [out, k] positions (k = the longest window;
+    shorter ones repeat their last position) and k."""
+    k = max(-(-(i + 1) * n // out) - i * n // out for i in range(out))
+    i = torch.arange(out, device=device)
+    start = (i * n) // out
+    last = ((i + 1) * n + out - 1) // out - 1
+    pos = torch.minimum(start.unsqueeze(1) + torch.arange(k, device=device), last.unsqueeze(1))
+    return pos, k
+
+
+def adaptive_max_pool2d_windows(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.adaptive_max_pool2d(x, output_size, return_indices=True)`` written with ops ONNX
+    has: max pooling when the output divides the input, else a gather of every output cell's
+    window (row-major) and a max over it. The same values bit for bit and the same flat indices
+    h*W + w (a padded position repeats one before it, so the first maximum is a real one).
+    H and W must be static, as they are in exported graphs (only the batch is dynamic)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    oh, ow = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+    oh, ow = int(h if oh is None else oh), int(w if ow is None else ow)
+    if h % oh == 0 and w % ow == 0:
+        return F.max_pool2d(x, (h // oh, w // ow), return_indices=True)
+    rows, kh = _axis_windows(h, oh, x.device)
+    cols, kw = _axis_windows(w, ow, x.device)
+    flat = (rows[:, None, :, None] * w + cols[None, :, None, :]).reshape(oh * ow, kh * kw)
+    cells = x.flatten(-2).index_select(-1, flat.flatten()).unflatten(-1, (oh * ow, kh * kw))
+    values, arg = cells.max(-1)
+    indices = flat.expand(*cells.shape).gather(-1, arg.unsqueeze(-1)).squeeze(-1)
+    return values.unflatten(-1, (oh, ow)), indices.unflatten(-1, (oh, ow))
 
 
 def build_head(name: str, *, in_channels: int, num_classes: int,

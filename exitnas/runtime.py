@@ -12,8 +12,15 @@ can be copied into a deployment on its own.
 
 ``load`` verifies the export first: arch.json's format, every listed file present with its
 sha256, the weights a safetensors file (a pickle is refused) whose tensor shapes match
-arch.json, and ``.pt2`` archives free of pickled objects. Each failure is one ``ExportError``
-line naming the file.
+arch.json. Every ``.pt2`` archive is checked against an allowlist of members and contents
+(:func:`read_pt2`: raw tensor records, JSON whose strings cannot reach eval, imports or
+generated code, no pickle at all) and torch reads a clean in-memory copy, never the file;
+``.onnx`` files are handed to ONNX Runtime as bytes (no external data). Each failure is one
+``ExportError`` line naming the file.
+
+Export format 1 (before sample inputs were left out) also wrote ``weights.pt`` (a pickle: its
+sha256 is checked, it is never opened) and pickled sample inputs into each ``.pt2`` (dropped
+unread); format 2 writes neither.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ except ImportError:  # copied alone into a deployment
     _Base = Exception
 
 FORMAT = "exitnas-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no weights.pt, .pt2 sample inputs empty (1: both pickled)
 BACKENDS = ("pt2", "onnx")
 
 
@@ -87,9 +94,20 @@ def read_manifest(root) -> dict:
         raise ExportError(f"{path}: does not parse ({err})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ExportError(f"{path}: not an exitnas export manifest (format is not {FORMAT!r})")
-    if m.get("format_version", 0) > FORMAT_VERSION:
-        raise ExportError(f"{path}: format_version {m.get('format_version')} is newer than this "
+    version = m.get("format_version")
+    if type(version) is not int or version < 1:
+        raise ExportError(f"{path}: format_version {str(version)[:40]!r} is not a version number")
+    if version > FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {version} is newer than this "
                           f"runtime's {FORMAT_VERSION}; upgrade exitnas")
+    files = m.get("files")
+    if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
+            for f in files):
+        raise ExportError(f"{path}: 'files' is not a list of {{path, sha256}} entries")
+    for f in files:  # plain names: a listed path never leads out of the export folder
+        if f["path"] in ("", ".", "..") or "/" in f["path"] or "\\" in f["path"]:
+            raise ExportError(f"{path}: file {f['path'][:80]!r} is not a plain file name")
     return m
 
 
@@ -103,6 +121,9 @@ def verify(root, manifest: dict) -> None:
     for f in files:
         if "tensors" in f:
             header = read_safetensors_header(root / f["path"])
+            if not isinstance(f["tensors"], dict) or not all(
+                    isinstance(v, list) for v in f["tensors"].values()):
+                raise ExportError(f"{root / 'arch.json'}: tensors of {f['path']} are not shapes")
             want = {k: tuple(v) for k, v in f["tensors"].items()}
             for name in sorted(set(want) | set(header)):
                 got = header[name][1] if name in header else None
@@ -120,30 +141,225 @@ def _fmt_shape(shape) -> str:
     return "absent" if shape is None else str(list(shape))
 
 
-def _check_pt2(path: Path) -> None:
-    """torch.export.load unpickles (weights_only=False) tensor subclasses, custom objects and,
-    as a fallback, sample inputs: refuse archives that hold any of these."""
-    import io
-    import zipfile
+# ---- .pt2 archives: an allowlist, then a clean copy for torch ------------------------------
+# torch.export.load unpickles with weights_only=False (legacy data/weights/<model>.pt and
+# data/constants/<model>.pt, use_pickle payloads, custom and opaque objects, sample inputs, the
+# pre-2.8 serialized_*.pt layout), evaluates every symbolic-shape expression of the graph JSON
+# with sympy.sympify (Python eval), imports the modules its pytree specs name and writes names
+# into generated Python source. So nothing of the file reaches torch unchecked: the members
+# below are read with Python's zipfile, checked, and written into a new in-memory archive that
+# torch.export.load reads instead. Anything else is refused.
+_PT2_MEMBERS = ("archive_format", "archive_version", "byteorder", ".data/version",
+                ".data/serialization_id", "models/model.json",
+                "data/weights/model_weights_config.json",
+                "data/constants/model_constants_config.json", "data/sample_inputs/model.pt")
+_PT2_REQUIRED = {"archive_format", "archive_version", "models/model.json",
+                 "data/weights/model_weights_config.json",
+                 "data/constants/model_constants_config.json", "data/sample_inputs/model.pt"}
+_PT2_PAYLOAD = {"data/weights/": "weight_", "data/constants/": "tensor_"}  # raw tensor bytes
+_PT2_TEXT = {"archive_format": r"pt2", "archive_version": r"0", "byteorder": r"little|big",
+             ".data/version": r"[0-9]{1,3}\n?", ".data/serialization_id": r"[0-9A-Za-z]{0,64}"}
+_WORD = r"[A-Za-z0-9_.]*"  # every string and key of the JSON members, but for those below
+_TARGET = r"torch\.ops\.aten\.[a-z_][a-z0-9_]*\.[A-Za-z0-9_]+|_operator\.getitem"
+_NO_TARGET = {"torch.ops.aten.from_file.default"}  # the one aten op that reads a file
+_SPEC_TYPES = {None, "builtins.tuple", "builtins.list", "builtins.dict"}
+_SYMPY = {"Symbol", "Integer", "Add", "Mul", "Pow", "Max", "Min", "Mod", "FloorDiv",
+          "PythonMod", "CleanDiv", "CeilDiv", "CeilToInt", "FloorToInt", "Eq", "Ne", "Lt", "Le",
+          "Gt", "Ge", "And", "Or", "Not"}
+_SYMBOL_FLAGS = {"positive", "integer", "nonnegative", "negative", "real", "finite"}
 
-    import torch
+
+class _Refused(Exception):
+    """Why a .pt2 member is not on the allowlist (becomes one ExportError line)."""
+
+
+def _pt2_word(text, where: str, pattern: str = _WORD) -> None:
+    import re
+
+    if not isinstance(text, str) or not re.fullmatch(pattern, text):
+        raise _Refused(f"{where} {str(text)[:60]!r} is not allowed")
+
+
+def _pt2_expr(text, where: str) -> None:
+    """A symbolic-shape expression torch would sympify (eval): calls of sympy constructors on
+    integers, booleans and symbol names only."""
+    import ast
+
+    def plain(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return type(node.value) in (int, bool) or (
+                isinstance(node.value, str) and node.value.isidentifier())
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return isinstance(node.operand, ast.Constant) and type(node.operand.value) is int
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in _SYMPY and all(plain(a) for a in node.args)
+                and all(k.arg in _SYMBOL_FLAGS and isinstance(k.value, ast.Constant)
+                        and type(k.value.value) is bool for k in node.keywords))
 
     try:
+        ok = isinstance(text, str) and len(text) < 4096 and plain(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise _Refused(f"{where}: shape expression {str(text)[:60]!r} is not a plain sympy expression")
+
+
+def _pt2_spec(text, where: str) -> None:
+    """A pytree spec (JSON text): [1, node], node = {"type": tuple, list, dict or null (a
+    leaf), "context": null or JSON text of null or a list of key names, "children_spec":
+    [node, ...]}. Nothing in it names a module for torch to import."""
+    spec = _json(text, where) if isinstance(text, str) else None
+    if not (isinstance(spec, list) and len(spec) == 2 and spec[0] == 1):
+        raise _Refused(f"{where}: not a pytree spec")
+    todo = [spec[1]]
+    while todo:
+        node = todo.pop()
+        if not (isinstance(node, dict) and set(node) == {"type", "context", "children_spec"}
+                and node["type"] in _SPEC_TYPES and isinstance(node["children_spec"], list)):
+            raise _Refused(f"{where}: pytree node {str(node)[:60]!r} is not a tuple, list, dict or leaf")
+        context = _json(node["context"], where) if isinstance(node["context"], str) else node["context"]
+        if context is not None and not (isinstance(context, list) and all(
+                type(k) is int or isinstance(k, str) and k.isidentifier() for k in context)):
+            raise _Refused(f"{where}: pytree context {str(context)[:60]!r} is not a list of names")
+        todo.extend(node["children_spec"])
+
+
+def _json(text, where: str):
+    import json as _j
+
+    try:
+        return _j.loads(text)
+    except (ValueError, RecursionError, TypeError):
+        raise _Refused(f"{where}: not JSON") from None
+
+
+def _pt2_json(node, where: str, key: str = "") -> None:
+    """Every key and string of a JSON member: identifier characters and dots, except the
+    fields that torch parses further, checked by their own rule."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _pt2_word(k, f"{where}: key")
+            if k == "expr_str":
+                _pt2_expr(v, where)
+            elif k in ("in_spec", "out_spec"):
+                _pt2_spec(v, f"{where}: {k}")
+            elif k == "target":
+                _pt2_word(v, f"{where}: op", _TARGET)
+                if v in _NO_TARGET:
+                    raise _Refused(f"{where}: op {v} is not allowed")
+            elif k == "torch_version":
+                _pt2_word(v, f"{where}: torch_version", r"[0-9A-Za-z.+_-]{1,64}")
+            else:
+                _pt2_json(v, where, k)
+    elif isinstance(node, list):
+        for v in node:
+            _pt2_json(v, where, key)
+    elif isinstance(node, str):
+        _pt2_word(node, f"{where}: {key or 'value'}")
+
+
+def _pt2_payloads(config, where: str, prefix: str) -> set[str]:
+    """The raw tensor records a weights / constants config names (none pickled)."""
+    if not isinstance(config, dict) or set(config) != {"config"} or not isinstance(config["config"], dict):
+        raise _Refused(f"{where}: not a payload config")
+    _pt2_json(config, where)
+    names = set()
+    for fqn, meta in config["config"].items():
+        if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
+            raise _Refused(f"{where}: {fqn[:60]!r} is pickled (use_pickle is not false)")
+        _pt2_word(meta.get("path_name"), f"{where}: {fqn[:60]!r} path", rf"{prefix}[0-9]{{1,9}}")
+        if not isinstance(meta.get("tensor_meta"), dict):
+            raise _Refused(f"{where}: {fqn[:60]!r} has no tensor_meta")
+        names.add(meta["path_name"])
+    return names
+
+
+def _strip_metadata(program: dict) -> dict:
+    """Node and graph metadata (stack traces, module paths: debugging only) are dropped unread."""
+    gm = program.get("graph_module")
+    if isinstance(gm, dict):
+        gm["metadata"] = {}
+        graph = gm.get("graph")
+        for node in graph.get("nodes", []) if isinstance(graph, dict) else []:
+            if isinstance(node, dict):
+                node["metadata"] = {}
+    return program
+
+
+def read_pt2(path, format_version: int = FORMAT_VERSION):
+    """The .pt2 archive at ``path`` checked against the allowlist above and copied into a new
+    in-memory archive (``io.BytesIO``) for ``torch.export.load``; raises ExportError naming the
+    file and the member refused. Format 1 exports pickled their sample inputs: those are
+    dropped unread; from format 2 the member must be empty."""
+    import io
+    import json as _j
+    import zipfile
+
+    path = Path(path)
+    try:
         with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                base = name.rsplit("/", 1)[-1]
-                if base.startswith(("custom_obj_", "opaque_obj_")):
-                    raise ExportError(f"{path}: holds a pickled object ({base}); refusing to load it")
-                if name.endswith("_config.json") and b'"use_pickle": true' in z.read(name):
-                    raise ExportError(f"{path}: holds pickled tensors; refusing to load it")
-                if "/sample_inputs/" in name:
-                    try:
-                        torch.load(io.BytesIO(z.read(name)), weights_only=True)
-                    except Exception:
-                        raise ExportError(f"{path}: sample inputs are not plain tensors; "
-                                          "refusing to load it") from None
-    except zipfile.BadZipFile:
-        raise ExportError(f"{path}: not a .pt2 archive") from None
+            members = _pt2_members(z, path, format_version)
+    except _Refused as why:
+        raise ExportError(f"{path}: {why}; refusing to load it") from None
+    except RecursionError:
+        raise ExportError(f"{path}: nested too deeply; refusing to load it") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
+            NotImplementedError, RuntimeError) as err:
+        raise ExportError(f"{path}: not a .pt2 archive ({str(err)[:120]})") from None
+    members["models/model.json"] = _j.dumps(members["models/model.json"]).encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+        for rel, data in members.items():
+            out.writestr(f"model/{rel}", data)
+    buf.seek(0)
+    return buf
+
+
+def _pt2_members(z, path: Path, format_version: int) -> dict:
+    """{member (without the archive's root folder): checked content} of an open .pt2 zip."""
+    import re
+
+    infos = z.infolist()
+    names = [i.filename for i in infos]
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1 or any("/" not in n for n in names) or len(set(names)) != len(names):
+        raise _Refused("members are not one torch.export archive (one root folder, no duplicates)")
+    size = path.stat().st_size
+    members: dict = {}
+    for info in infos:
+        rel = info.filename.split("/", 1)[1]
+        folder, _, base = rel.rpartition("/")
+        allowed = rel in _PT2_MEMBERS or (
+            f"{folder}/" in _PT2_PAYLOAD and re.fullmatch(rf"{_PT2_PAYLOAD[folder + '/']}[0-9]{{1,9}}", base))
+        if not allowed:
+            raise _Refused(f"member {rel[:80]!r} is not one the runtime loads (pickled or unknown content)")
+        if info.compress_type != 0 or info.flag_bits & 1 or info.file_size > size:
+            raise _Refused(f"member {rel!r} is compressed or encrypted (torch.export.save stores)")
+        members[rel] = z.read(info)
+    missing = sorted(_PT2_REQUIRED - set(members))
+    if missing:
+        raise _Refused(f"member {missing[0]!r} is missing")
+    for rel, pattern in _PT2_TEXT.items():
+        if rel in members:
+            _pt2_word(members[rel].decode("ascii", "replace"), f"member {rel}", pattern)
+    weights = _pt2_payloads(_json(members["data/weights/model_weights_config.json"], "weights config"),
+                            "weights config", "weight_")
+    constants = _pt2_payloads(_json(members["data/constants/model_constants_config.json"],
+                                    "constants config"), "constants config", "tensor_")
+    records = {r.rpartition("/")[2] for r in members if r.startswith(tuple(_PT2_PAYLOAD))} - {
+        "model_weights_config.json", "model_constants_config.json"}
+    if records != weights | constants:
+        odd = sorted(records ^ (weights | constants))[0]
+        raise _Refused(f"tensor record {odd!r} is not both stored and listed in its config")
+    program = _json(members["models/model.json"], "models/model.json")
+    if not isinstance(program, dict):
+        raise _Refused("models/model.json: not an exported program")
+    _pt2_json(_strip_metadata(program), "models/model.json")
+    members["models/model.json"] = program
+    if members["data/sample_inputs/model.pt"] and format_version >= 2:
+        raise _Refused("member 'data/sample_inputs/model.pt' is not empty (a pickle)")
+    members["data/sample_inputs/model.pt"] = b""  # never read: the graphs run without them
+    return members
 
 
 # ---- backends -----------------------------------------------------------------------------
@@ -161,13 +377,14 @@ class _Torch:
         self.root = root
         self.channels_last = channels_last
         self.state = load_file(str(root / "weights.safetensors"))
+        self.format_version = int(manifest.get("format_version", 1))
 
     def graph(self, entry: dict):
         torch = self.torch
         path = self.root / entry["pt2"]
-        _check_pt2(path)
+        archive = read_pt2(path, self.format_version)
         try:
-            module = torch.export.load(str(path)).module(check_guards=False)
+            module = torch.export.load(archive).module(check_guards=False)
         except Exception as err:
             raise ExportError(f"{path}: does not load ({str(err).splitlines()[0][:160]})") from None
         prefix = entry["weights_prefix"]
@@ -222,8 +439,8 @@ class _Onnx:
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
         path = self.root / entry["onnx"]
-        try:
-            sess = self.ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:  # from bytes: an external-data reference cannot read other files
+            sess = self.ort.InferenceSession(path.read_bytes(), opts, providers=["CPUExecutionProvider"])
         except Exception as err:
             raise ExportError(f"{path}: does not load ({str(err).splitlines()[0][:160]})") from None
         name = sess.get_inputs()[0].name
@@ -383,7 +600,11 @@ def load(root, backend: str = "pt2", *, threads: int | None = None, check: bool 
         verify(root, manifest)
     impl = _Torch(root, manifest, threads, channels_last) if backend == "pt2" else \
         _Onnx(root, manifest, threads)
-    return Predictor(root, manifest, impl)
+    try:
+        return Predictor(root, manifest, impl)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise ExportError(f"{root / 'arch.json'}: malformed manifest ({type(err).__name__}: "
+                          f"{str(err)[:120]})") from None
 
 
 def read_image(path, channels: int, size: int) -> np.ndarray:

@@ -47,8 +47,8 @@ def _train(net, splits, epochs: int = 3) -> None:
 
 
 def trained_export(root: Path) -> dict:
-    """Run dir with a briefly trained tiny supernet, the in-repo extracted model (BN recalibrated
-    by evaluate.load_or_build_cache), an arch whose thresholds send samples to every exit, and
+    """Run dir with a briefly trained tiny supernet, the in-repo extracted model (BN re-estimated
+    on the calibration batches, as the evaluation cache's), its exit cache, an arch whose thresholds send samples to every exit, and
     its export (with ONNX) built in-process. Memoised per process."""
     if "run" in _CACHE:
         return _CACHE
@@ -59,7 +59,7 @@ def trained_export(root: Path) -> dict:
     from exitnas.policy import ExitStats
     from exitnas.rundir import RunDir
     from exitnas.space import load_space
-    from exitnas.supernet import Supernet
+    from exitnas.supernet import Supernet, calibration_batches
 
     torch.set_num_threads(2)
     space = load_space(ROOT / "tests" / "data" / "tiny.yaml")
@@ -70,16 +70,17 @@ def trained_export(root: Path) -> dict:
     _train(net, splits)
     net.save(run.sub("supernet") / "weights.safetensors")
     probe = Arch.parse(f"{ARCH_DEPTHS}~max_softmax=0.5,0.5")
-    cache = load_or_build_cache(run, net, probe.depths, splits)  # recalibrates net's BN
+    cache = load_or_build_cache(run, net, probe.depths, splits)  # BN of probe.depths
     x = normalize(torch.cat([splits.test.images, splits.val.images]), splits.mean, splits.std)
     with torch.no_grad():
-        conf = ExitStats.stack(net.extract(probe).eval().forward_exits(x)).conf
+        conf = ExitStats.stack(net.extract(probe, calib=calibration_batches(space, splits))
+                               .eval().forward_exits(x)).conf
     # thresholds: ~40 % leave at exit 0, about half of the rest at exit 1
     t0 = float(np.quantile(conf[0].numpy(), 0.6))
     rest = conf[1][conf[0] < t0]
     t1 = float(np.quantile(rest.numpy(), 0.5))
     arch = Arch.parse(f"{ARCH_DEPTHS}~max_softmax={t0:.4f},{t1:.4f}").validate(space)
-    model = net.extract(arch).eval()
+    model = net.extract(arch, calib=calibration_batches(space, splits)).eval()
     t = time.perf_counter()
     result = export_run(run, arch, root / "export")
     _CACHE.update(run=run, space=space, splits=splits, net=net, arch=arch, model=model, x=x,
@@ -131,7 +132,8 @@ def test_manifest_describes_the_export(exported):
     kinds = ("pt2", "onnx") if HAVE_ONNX else ("pt2",)
     for k in range(3):
         assert {f"{g}_{k}.{ext}" for g in ("segment", "head") for ext in kinds} <= set(names)
-    assert {f"model.{ext}" for ext in kinds} | {"weights.safetensors", "weights.pt"} <= set(names)
+    assert {f"model.{ext}" for ext in kinds} | {"weights.safetensors"} <= set(names)
+    assert "weights.pt" not in names and m["format_version"] == 2  # format 2: no pickle at all
     for f in m["files"]:
         assert f["sha256"] == sha256_file(out / f["path"])
     weights = next(f for f in m["files"] if f["path"] == "weights.safetensors")
@@ -155,16 +157,15 @@ def test_manifest_describes_the_export(exported):
 
 def test_exported_weights_are_the_recalibrated_extract(exported):
     """Supernet source: the arch extracted after the same BN recalibration the evaluation
-    cache uses (the in-repo model), in safetensors and in a weights_only torch.load file."""
+    cache uses (the in-repo model), in safetensors."""
     from exitnas.io import load_weights
 
     out, model = exported["out"], exported["model"]
     ref = model.state_dict()
     st = load_weights(out / "weights.safetensors")
-    pt = torch.load(out / "weights.pt", weights_only=True)
-    assert sorted(st) == sorted(ref) == sorted(pt)
+    assert sorted(st) == sorted(ref)
     for k, v in ref.items():
-        assert torch.equal(st[k], v) and torch.equal(pt[k], v), k
+        assert torch.equal(st[k], v), k
 
 
 @needs_onnx
@@ -291,59 +292,111 @@ def _assert_complete(out: Path, arch_id: str) -> None:
     load(out, check=True)  # every file present with its sha256 and shapes
 
 
-def _kill_and_check(run: Path, out: Path, archs: tuple[str, str], delay: float | None) -> str:
-    """Start an export over ``out`` of whichever of ``archs`` it does not hold, kill -9 it after
-    ``delay`` seconds (None: as soon as its temporary folder appears), and check that ``out`` is
-    the export it held before ("old") or the new one, complete ("new")."""
+PHASES = ("before-tmp", "tmp-written", "swapped")
+
+
+def _tmp_dirs(out: Path) -> set[Path]:
+    return set(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def _swapped(out: Path, ino: int | None) -> bool:
+    try:
+        return out.stat().st_ino != ino
+    except FileNotFoundError:
+        return False
+
+
+def _watched_export(run: Path, arch: str, out: Path) -> dict[str, float]:
+    """Run one export to completion, timing (seconds from the start) when its temporary folder
+    appears ("tmp") and when ``out`` becomes the new export ("swap")."""
+    ino = out.stat().st_ino if out.exists() else None
+    before, t0, times = _tmp_dirs(out), time.monotonic(), {}
+    proc = _export_proc(run, arch, out)
+    while proc.poll() is None:
+        if "tmp" not in times and _tmp_dirs(out) - before:
+            times["tmp"] = time.monotonic() - t0
+        if "swap" not in times and _swapped(out, ino):
+            times["swap"] = time.monotonic() - t0
+        time.sleep(0.002)
+    assert proc.wait() == 0, proc.stderr.read()
+    times["total"] = time.monotonic() - t0
+    assert {"tmp", "swap"} <= set(times), times  # both moments seen (polled every 2 ms)
+    return times
+
+
+def _kill_and_check(run: Path, out: Path, archs: tuple[str, str], trigger: str,
+                    delay: float) -> tuple[str, str]:
+    """Start an export over ``out`` of whichever of ``archs`` it does not hold, wait for
+    ``trigger`` ("start": at once; "tmp": its temporary folder exists; "swap": ``out`` is the
+    new folder), then ``delay`` seconds, then kill -9 it. Returns (phase, outcome), both read
+    from what the kill left: "before-tmp" (``out`` unchanged, no new temporary folder) and
+    "tmp-written" (``out`` unchanged, the new temporary folder left behind) give outcome "old";
+    "swapped" (``out`` is the new export, complete) gives "new"; "finished" means the process
+    exited before the kill (outcome "new", complete)."""
     old = tree_digest(out)
     held = json.loads((out / "arch.json").read_text())["arch"]["id"]
     target = archs[1] if held == archs[0] else archs[0]
+    before, ino = _tmp_dirs(out), out.stat().st_ino
     proc = _export_proc(run, target, out)
-    deadline = time.monotonic() + 120
-    if delay is None:
-        while not list(out.parent.glob(f".{out.name}.tmp-*")) and proc.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-    else:
-        time.sleep(delay)
+    deadline = time.monotonic() + 300
+    fired = {"start": lambda: True, "tmp": lambda: bool(_tmp_dirs(out) - before),
+             "swap": lambda: _swapped(out, ino)}[trigger]
+    while not fired() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    time.sleep(delay)
+    finished = proc.poll() is not None
     proc.kill()
     proc.wait()
+    left = _tmp_dirs(out) - before
     if tree_digest(out) == old:
-        return "old"
+        assert not finished, f"the export exited ({proc.returncode}) without replacing {out}"
+        return ("tmp-written" if left else "before-tmp"), "old"
     _assert_complete(out, target)
-    return "new"
+    if finished:
+        assert proc.returncode == 0
+    return ("finished" if finished else "swapped"), "new"
 
 
-def _atomicity(exported, tmp_path, fractions) -> list[str]:
-    """Export once (the old artifact, timed: d seconds), then kill exports of another arch
-    after ``fraction * d`` seconds (None: once its temporary folder exists), then rerun."""
+def _atomicity(exported, tmp_path, kills) -> list[tuple[str, str]]:
+    """Export once (the old artifact, timed), then run ``kills(times)``: (trigger, delay) pairs
+    for exports of the other arch killed as :func:`_kill_and_check` says, then a full rerun.
+    Returns the (phase, outcome) of every kill."""
     run = exported["run"].path
     out = tmp_path / "export"
-    t = time.monotonic()
-    first = run_cli("export", run, "--arch", exported["arch"].id, "--out", out, "--no-onnx")
-    d = time.monotonic() - t
-    assert first.returncode == 0, first.stderr
+    times = _watched_export(run, exported["arch"].id, out)
     archs = (exported["arch"].id, OTHER_ARCH)
-    outcomes = [_kill_and_check(run, out, archs, None if f is None else f * d) for f in fractions]
+    outcomes = [_kill_and_check(run, out, archs, trigger, delay) for trigger, delay in kills(times)]
     final = _export_proc(run, OTHER_ARCH, out)
     assert final.wait(timeout=300) == 0, final.stderr.read()
     _assert_complete(out, OTHER_ARCH)
-    assert not list(tmp_path.glob(".export.tmp-*"))  # the killed runs' leftovers are gone
+    assert not _tmp_dirs(out)  # the killed runs' leftovers are gone
     return outcomes
 
 
 def test_export_is_atomic_under_kill(exported, tmp_path):
-    """kill -9 mid-build (deterministic: once the temporary folder exists) and at a random
-    moment late in the export: the out dir is always the old or the new complete export; a
-    rerun completes. The slow variant kills at 12 random moments."""
-    rng = random.Random(7)
-    outcomes = _atomicity(exported, tmp_path, [None, rng.uniform(0.7, 1.1)])
-    assert outcomes[0] == "old"
+    """kill -9 in each phase of an export: before its temporary folder exists, while it is
+    being written, and just after the swap; ``out`` is the old export in the first two and the
+    new one, complete, in the last; a rerun completes."""
+    outcomes = _atomicity(exported, tmp_path, lambda times: [("start", 0.0), ("tmp", 0.0),
+                                                             ("swap", 0.0)])
+    assert outcomes == [("before-tmp", "old"), ("tmp-written", "old"), ("swapped", "new")]
 
 
 @pytest.mark.slow
 def test_export_is_atomic_under_many_kills(exported, tmp_path):
+    """12 kills at random moments inside each phase (measured on the first export); every
+    phase must be hit, each leaves the old or the new complete export."""
     rng = random.Random(11)
-    outcomes = _atomicity(exported, tmp_path, [rng.uniform(0.1, 1.5) for _ in range(12)])
-    print("kill outcomes", outcomes)
+
+    def kills(times):
+        spans = {"start": times["tmp"], "tmp": times["swap"] - times["tmp"],
+                 "swap": 0.5 * (times["total"] - times["swap"])}
+        return [(t, rng.uniform(0, 0.9 * spans[t])) for t in ("start", "tmp", "swap") * 4]
+
+    outcomes = _atomicity(exported, tmp_path, kills)
+    print("kill phases and outcomes", outcomes)
     assert len(outcomes) == 12
+    assert set(PHASES) <= {phase for phase, _ in outcomes}, outcomes
+    assert all(outcome == ("new" if phase in ("swapped", "finished") else "old")
+               for phase, outcome in outcomes)

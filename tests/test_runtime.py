@@ -4,6 +4,7 @@ without exitnas (and, on ONNX Runtime, without torch)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -179,24 +180,234 @@ def test_bad_export_is_refused(exported, tmp_path, kind, words):
     assert isinstance(info.value, CheckpointError)  # inside exitnas: exit 2 from the CLI
 
 
-def test_pt2_archive_with_pickles_is_refused(exported, tmp_path):
-    """torch.export.load would unpickle these with weights_only=False."""
-    from exitnas.runtime import ExportError, _check_pt2
+# ---- crafted .pt2 archives ------------------------------------------------------------------
+class _Plant:
+    """Unpickling this touches ``marker``: the payload a crafted export would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _saved(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _members(path: Path) -> tuple[str, dict[str, bytes]]:
+    with zipfile.ZipFile(path) as z:
+        root = z.namelist()[0].split("/", 1)[0]
+        return root, {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+
+
+def _write_members(path: Path, root: str, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for rel, data in members.items():
+            z.writestr(f"{root}/{rel}" if root else rel, data)
+
+
+def _plant(kind: str, members: dict[str, bytes], marker: Path, module_dir: Path) -> str | None:
+    """Plant, in a .pt2's members, code that touches ``marker`` where torch.export.load
+    (torch/export/pt2_archive/_package.py, torch/_export/serde/serialize.py) runs it. Returns
+    a new root folder name ("" for none) or None to keep it."""
+    weights, consts = "data/weights/model_weights_config.json", "data/constants/model_constants_config.json"
+    plant = _Plant(marker)
+    if kind == "legacy weights":  # _load_state_dict -> deserialize_torch_artifact fallback
+        members["data/weights/model.pt"] = _saved(plant)
+    elif kind == "legacy constants":  # _load_constants -> deserialize_torch_artifact fallback
+        members["data/constants/model.pt"] = _saved(plant)
+    elif kind == "sample inputs":  # deserialize_torch_artifact(example_inputs)
+        members["data/sample_inputs/model.pt"] = _saved(plant)
+    elif kind == "pickled weight":  # use_pickle -> torch.load(weights_only=False)
+        config = json.loads(members[weights])
+        meta = next(iter(config["config"].values()))
+        meta["use_pickle"] = True
+        members[f"data/weights/{meta['path_name']}"] = _saved(plant)
+        members[weights] = json.dumps(config).encode()
+    elif kind in ("pickled constant", "opaque object", "custom object"):
+        name = {"pickled constant": "tensor_0", "opaque object": "opaque_obj_0",
+                "custom object": "custom_obj_0"}[kind]
+        config = json.loads(members[consts])
+        config["config"]["planted"] = {"path_name": name, "is_param": False, "use_pickle": True,
+                                       "tensor_meta": None}
+        import pickle
+
+        members[f"data/constants/{name}"] = _saved(plant) if kind == "pickled constant" else pickle.dumps(plant)
+        members[consts] = json.dumps(config).encode()
+    elif kind == "shape expression":  # GraphModuleDeserializer._parse_sym_expr: sympy.sympify
+        program = members["models/model.json"].decode()
+        sym = program.split('"expr_str": "', 1)[1].split('"', 1)[0]
+        code = f"(__import__('pathlib').Path({str(marker)!r}).touch() and 0) or {sym}"
+        members["models/model.json"] = program.replace(
+            f'"expr_str": "{sym}"', json.dumps({"expr_str": code})[1:-1], 1).encode()
+    elif kind == "pytree import":  # treespec_loads -> enum_object_hook -> importlib.import_module
+        (module_dir / "planted_module.py").write_text(
+            f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+        program = json.loads(members["models/model.json"])
+        sig = program["graph_module"]["module_call_graph"][0]["signature"]
+        spec = json.loads(sig["in_spec"])
+        spec[1]["context"] = json.dumps({"__enum__": True, "fqn": "planted_module", "name": "A"})
+        sig["in_spec"] = json.dumps(spec)
+        members["models/model.json"] = json.dumps(program).encode()
+    elif kind == "pre-2.8 layout":  # torch.export.load's fallback when load_pt2 fails
+        program = members["models/model.json"]
+        members.clear()
+        members.update({"version": b"8.20", "serialized_exported_program.json": program,
+                        "serialized_state_dict.pt": _saved({}), "serialized_constants.pt": _saved(plant),
+                        "serialized_example_inputs.pt": b""})
+        return ""
+    else:
+        raise ValueError(kind)
+    return None
+
+
+# every place torch.export.load reads from that runs code; the TorchScript unpickler of custom
+# objects runs no Python __reduce__, so that plant has no payload: refused all the same
+PLANTS = ("legacy weights", "legacy constants", "sample inputs", "pickled weight",
+          "pickled constant", "opaque object", "custom object", "shape expression",
+          "pytree import", "pre-2.8 layout")
+NO_PAYLOAD = {"custom object"}
+
+RAW_LOAD = r"""
+import logging, sys, warnings
+import torch
+warnings.simplefilter("ignore")
+logging.disable(logging.CRITICAL)
+for path in sys.argv[1:]:
+    try:
+        torch.export.load(path).module(check_guards=False)
+    except Exception:
+        pass
+"""
+
+
+def _rewrite_manifest(out: Path) -> None:
+    """What whoever crafts the folder does: arch.json's sha256 and sizes match the files."""
+    from exitnas.runtime import sha256_file
+
+    m = json.loads((out / "arch.json").read_text())
+    for f in m["files"]:
+        f["sha256"], f["bytes"] = sha256_file(out / f["path"]), (out / f["path"]).stat().st_size
+    (out / "arch.json").write_text(json.dumps(m, indent=2))
+
+
+def test_crafted_pt2_archives_run_nothing(exported, tmp_path, monkeypatch):
+    """A payload planted in every place torch.export.load reads from is real (raw
+    torch.export.load runs it) and is refused by runtime.load and `exitnas predict` (exit 2,
+    one line naming the graph) before torch sees the file: the marker never appears. The
+    untouched copy, its manifest rewritten the same way, still loads and predicts."""
+    from exitnas.runtime import ExportError, load
+
+    module_dir = tmp_path / "modules"  # on the import path, as a planted module would need
+    module_dir.mkdir()
+    monkeypatch.syspath_prepend(str(module_dir))
+    env = {"PYTHONPATH": str(module_dir)}
+    image = tmp_path / "one.png"
+    _write_png(image, exported["splits"].test.images[0])
+    crafted = []
+    for i, kind in enumerate(PLANTS):
+        out = tmp_path / f"export_{i}"
+        shutil.copytree(exported["out"], out)
+        root, members = _members(out / "segment_0.pt2")
+        new_root = _plant(kind, members, tmp_path / f"marker_{i}", module_dir)
+        _write_members(out / "segment_0.pt2", root if new_root is None else new_root, members)
+        _rewrite_manifest(out)
+        shutil.copy(out / "segment_0.pt2", tmp_path / f"raw_{i}.pt2")
+        crafted.append((kind, out, tmp_path / f"marker_{i}"))
+
+    raw = subprocess.run([sys.executable, "-c", RAW_LOAD, *(str(tmp_path / f"raw_{i}.pt2")
+                                                            for i in range(len(PLANTS)))],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert raw.returncode == 0, raw.stderr[-2000:]
+    for kind, _, marker in crafted:
+        assert marker.exists() == (kind not in NO_PAYLOAD), kind  # each plant is a real payload
+        marker.unlink(missing_ok=True)
+    sys.modules.pop("planted_module", None)  # it would touch its marker again if imported
+
+    for kind, out, marker in crafted:
+        with pytest.raises(ExportError, match="segment_0.pt2.*refusing to load it"):
+            load(out)
+        err = _one_line_error(run_cli("predict", out, image, env=env))
+        assert "segment_0.pt2" in err and "refusing to load it" in err, (kind, err)
+        assert not marker.exists(), kind
+
+    clean = tmp_path / "clean"
+    shutil.copytree(exported["out"], clean)
+    _rewrite_manifest(clean)
+    x, model = exported["x"], exported["model"]
+    got, ref = load(clean).predict(x), model.predict(x)
+    assert np.array_equal(got.pred, ref.pred.numpy()) and np.array_equal(got.exit, ref.exit.numpy())
+    proc = run_cli("predict", clean, image)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1].startswith("1 images"), proc.stderr
+
+
+def test_format_1_export_loads_without_opening_its_pickles(exported, tmp_path):
+    """An export of format 1 (weights.pt beside the weights, pickled sample inputs in each
+    .pt2) still loads: weights.pt is only sha256-checked and the sample inputs are dropped
+    unread (here they would run a payload). Format 2 refuses the same archive."""
+    from exitnas.runtime import ExportError, load
+
+    out = tmp_path / "v1"
+    shutil.copytree(exported["out"], out)
+    marker = tmp_path / "marker"
+    torch.save(exported["model"].state_dict(), out / "weights.pt")
+    for graph in out.glob("*.pt2"):
+        root, members = _members(graph)
+        members["data/sample_inputs/model.pt"] = _saved(_Plant(marker))
+        _write_members(graph, root, members)
+    m = json.loads((out / "arch.json").read_text())
+    m["files"].append({"path": "weights.pt", "sha256": "", "bytes": 0})
+    (out / "arch.json").write_text(json.dumps(m))
+    _rewrite_manifest(out)
+    with pytest.raises(ExportError, match="sample_inputs.*not empty"):
+        load(out)
+    m = json.loads((out / "arch.json").read_text())
+    m["format_version"] = 1
+    (out / "arch.json").write_text(json.dumps(m))
+    x, model = exported["x"], exported["model"]
+    p = load(out)
+    got, ref = p.predict(x), model.predict(x)
+    assert np.array_equal(got.pred, ref.pred.numpy()) and np.array_equal(got.exit, ref.exit.numpy())
+    assert len(p.all_exits(x)) == 3
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["member", "deflated", "op", "name", "not a zip"])
+def test_pt2_outside_the_allowlist_is_refused(exported, tmp_path, kind):
+    """What the allowlist keeps out besides pickles: unknown members, compressed members (torch
+    stores), ops other than aten's, names that are not plain identifiers, non-zip files."""
+    from exitnas.runtime import ExportError, read_pt2
 
     src = exported["out"] / "head_0.pt2"
-    _check_pt2(src)
-    for bad in ("use_pickle", "custom_obj"):
-        dst = tmp_path / f"{bad}.pt2"
-        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-            for item in zin.infolist():
-                data = zin.read(item.filename)
-                if bad == "use_pickle" and item.filename.endswith("weights_config.json"):
-                    data = data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
-                zout.writestr(item, data)
-            if bad == "custom_obj":
-                zout.writestr("head_0/data/constants/custom_obj_0", b"\x80\x04N.")
-        with pytest.raises(ExportError, match="refusing"):
-            _check_pt2(dst)
+    read_pt2(src)
+    dst = tmp_path / "bad.pt2"
+    root, members = _members(src)
+    if kind == "member":
+        members["extra/notes.txt"] = b"hello"
+    elif kind == "op":
+        program = members["models/model.json"].decode()
+        target = program.split('"target": "', 1)[1].split('"', 1)[0]
+        members["models/model.json"] = program.replace(target, "torch.ops.higher_order.cond").encode()
+    elif kind == "name":
+        config = json.loads(members["data/weights/model_weights_config.json"])
+        fqn = next(iter(config["config"]))
+        config["config"][f'{fqn}")'] = config["config"].pop(fqn)
+        members["data/weights/model_weights_config.json"] = json.dumps(config).encode()
+    if kind == "deflated":
+        with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as z:
+            for rel, data in members.items():
+                z.writestr(f"{root}/{rel}", data)
+    elif kind == "not a zip":
+        dst.write_bytes(b"\x80\x04N.")
+    else:
+        _write_members(dst, root, members)
+    with pytest.raises(ExportError, match="bad.pt2: .*(refusing to load it|not a .pt2 archive)"):
+        read_pt2(dst)
 
 
 # ---- predict CLI --------------------------------------------------------------------------
