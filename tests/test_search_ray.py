@@ -1,10 +1,12 @@
 """Ray Tune search on a tiny trained supernet. Every test runs its Ray processes inside a
-loopback-only network namespace (with its own PID namespace), with RAY_AUTH_MODE=disabled:
-see tests/search_ray_scenario.py."""
+loopback-only network namespace (with its own PID namespace): see tests/search_ray_scenario.py.
+The 2-node cluster runs with token authentication as launch/ray-cluster.yaml sets it up; the
+local instances run with RAY_AUTH_MODE=disabled."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli, tree_digest
 from search_support import copy_run, study_of, train_tiny_run
 
 SCENARIO = Path(__file__).resolve().parent / "search_ray_scenario.py"
@@ -43,7 +46,7 @@ def run(trained, tmp_path) -> Path:
     return copy_run(trained, tmp_path / "run")
 
 
-def scenario(name: str, run: Path, trials: int, timeout: float = 900) -> dict:
+def scenario(name: str, run: Path, trials: int, timeout: float = 900, check: bool = True) -> dict:
     out = run.parent / f"{name}.json"
     # a short private RAY_TMPDIR: Ray's socket paths must stay under 107 characters, and no
     # session directory is shared with other Ray users of this machine
@@ -58,7 +61,8 @@ def scenario(name: str, run: Path, trials: int, timeout: float = 900) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     assert r.returncode == 0 and out.is_file(), r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["search"]["rc"] == 0, result["search"]["stderr"]
+    if check:
+        assert result["search"]["rc"] == 0, result["search"]["stderr"]
     return result
 
 
@@ -90,12 +94,36 @@ def test_ray_tune_search_gives_a_feasible_front_with_caches_built_once(run):
                if t.number in {int(line.split(",")[0]) for line in front[1:]})
 
 
+def _refusal(r: dict, *needles: str) -> None:
+    """exit 2, and exitnas' own line (after whatever Ray's C++ core logged) says why."""
+    assert r["rc"] == 2, r
+    assert "Traceback" not in r["stderr"]
+    last = r["stderr"].strip().splitlines()[-1]
+    assert last.startswith("exitnas: error: --address 127.0.0.1:"), last
+    for needle in needles:
+        assert needle in last, last
+
+
 @pytest.mark.slow
-def test_ray_search_across_a_two_node_cluster(run):
+def test_two_node_cluster_with_token_auth_refuses_strangers_and_runs_the_search(run):
     result = scenario("cluster", run, 16)
+    assert result["token"]["rc"] == 0 and result["token"]["chars"] >= 32  # created once
     assert result["ray_start"][:2] == [0, 0], result["ray_start"]
+    # a node without the token (none on disk; or auth mode off) cannot join the cluster
+    no_token, no_auth = result["refused_nodes"]
+    assert no_token["rc"] != 0 and "no authentication token was found" in no_token["stderr"]
+    assert no_auth["rc"] != 0 and "Authentication token is missing or incorrect" in no_auth["stderr"]
+    # a client without the token is refused by the cluster
+    client = result["refused_client"]
+    assert client["rc"] == 3 and client["stdout"].startswith("refused ConnectionError"), client
+    assert "Authentication token is missing or incorrect" in client["stderr"]
+    # exitnas without a token, and with a wrong one: one line, exit 2, nothing searched
+    _refusal(result["refused_search"]["no_token"], "has no token", "RAY_AUTH_TOKEN")
+    _refusal(result["refused_search"]["wrong_token"], "cannot connect", "token")
+    assert result["after_refusals"]["complete"] == 0
+    # with the token (RAY_AUTH_MODE unset in its environment: exitnas turns token mode on)
     _exact(result, 16)
-    assert result["summary"]["ray_nodes"] == 2
+    assert result["summary"]["ray_nodes"] == 2  # the refused nodes never joined
     workers = [t.user_attrs["worker"] for t in study_of(run).get_trials()]
     assert len({w.split("/")[0] for w in workers}) == 2, workers  # both nodes ran trials
 
@@ -103,16 +131,96 @@ def test_ray_search_across_a_two_node_cluster(run):
 @pytest.mark.slow
 def test_killed_ray_driver_resumes_with_tuner_restore(run):
     result = scenario("kill-driver", run, 16)
-    assert 4 <= result["after_kill"]["complete"] < 16
+    after = result["after_kill"]
+    assert 4 <= after["complete"] < 16
+    assert after["running"] >= 1  # the kill landed while trials were RUNNING in the storage
     assert result["summary"]["ray_restored"] is True
     assert "resuming Ray Tune experiment" in result["search"]["stderr"]
-    _exact(result, 16)
+    _exact(result, 16)  # ... and the rerun finished or failed every one of them
 
 
 @pytest.mark.slow
 def test_killed_ray_worker_is_retried_and_the_search_completes(run):
     result = scenario("kill-worker", run, 4)
     assert result["killed_workers"] >= 1
+    # the kill landed mid-trial: the worker was still running it, its trial RUNNING
+    assert result["busy_at_kill"] and result["running_at_kill"] >= 1
     assert result["summary"]["cache"]["retried_trials"] >= 1
     _exact(result, 4)
     assert result["counts"]["fail"] == 0  # the retried trial finished its own Optuna trial
+
+
+# ---- resuming trusts the run directory like code ----------------------------------------------
+class _Payload:
+    """Unpickling this writes ``path``: the planted tuner.pkl's stand-in for any code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('unpickled')",))
+
+
+def _plant(folder: Path, marker: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+
+
+TRUST_CASES = {  # case (planted below) -> the words its refusal must say
+    "group-writable-experiment": "writable by group or others (mode 775)",
+    "group-writable-search-folder": "writable by group or others (mode 775)",
+    "foreign-owner": "owned by uid 65534, not by you",
+    "dotdot": "outside",
+    "symlink": "outside",
+    "symlink-inside": "a symbolic link",
+    "trusted": None,  # the control: the same plant, safe permissions -> it IS unpickled
+}
+
+
+def test_resume_refuses_run_directories_others_could_plant(trained, tmp_path):
+    base = copy_run(trained, tmp_path / "base")
+    r = run_cli("search", base, "--trials", "3", env={"OMP_NUM_THREADS": "1"})  # in-process
+    assert r.returncode == 0, r.stderr
+    study = json.loads((base / "search" / "study.json").read_text())["study_name"]
+    cases = tmp_path / "cases"
+    for case in TRUST_CASES:
+        run = copy_run(base, cases / case / "run")
+        marker = cases / case / "marker"
+        ray_dir = run / "search" / "ray"
+        name = "tune-0"
+        if case in ("dotdot", "symlink"):
+            _plant(cases / case / "outside", marker)
+            if case == "dotdot":
+                name = "../../../outside"
+                ray_dir.mkdir(parents=True)
+            else:
+                ray_dir.mkdir(parents=True)
+                (ray_dir / name).symlink_to(cases / case / "outside")
+        else:
+            _plant(ray_dir / name, marker)
+        if case == "group-writable-experiment":
+            (ray_dir / name).chmod(0o775)
+        elif case == "group-writable-search-folder":
+            (run / "search").chmod(0o775)
+        elif case == "foreign-owner":
+            os.chown(ray_dir / name / "tuner.pkl", 65534, 65534)
+        elif case == "symlink-inside":
+            (ray_dir / name / "tuner.pkl").rename(cases / case / "tuner.pkl")
+            (ray_dir / name / "tuner.pkl").symlink_to(cases / case / "tuner.pkl")
+        (ray_dir / "state.json").write_text(json.dumps(
+            {"experiment": name, "study": study, "target": 8}))
+    before = {case: tree_digest(cases / case) for case in TRUST_CASES}
+    outcomes = scenario("trust", cases, 8, check=False)["cases"]
+    assert sorted(outcomes) == sorted(TRUST_CASES)
+    for case, words in TRUST_CASES.items():
+        out = outcomes[case]
+        if words is None:  # the control proves the plant is live: restore unpickled it
+            assert out["marker"] and out["ray_sessions"] == 1, out
+            continue
+        assert out["rc"] == 2 and out["stderr"].count("\n") == 1, (case, out)
+        assert out["stderr"].startswith("exitnas: error: ") and words in out["stderr"], (case, out)
+        assert "refusing to resume" in out["stderr"]
+        assert not out["marker"], case         # nothing was unpickled
+        assert out["ray_sessions"] == 0, case  # Ray never started
+        assert tree_digest(cases / case) == before[case], case  # nothing written

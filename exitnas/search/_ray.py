@@ -33,12 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import RunDirError
 from ..io import atomic_write_json
 from ._objective import DIRECTIONS, METRIC_NAMES, CacheStore, Objective, TrialRecord
 from ._storage import OWNER_KEY, fail_stale_trials, owner_tag
+from ._trust import read_state, trusted_experiment
 
 RESULT_KEY = "exitnas_record"
 SLEEP_ENV = "EXITNAS_TRIAL_SLEEP_S"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 MAX_FAILURES = 3
 TOP_UP_ROUNDS = 3
 
@@ -48,8 +51,6 @@ def _ray():
         import ray
         from ray import tune  # noqa: F401
     except ImportError:
-        from ..errors import RunDirError
-
         raise RunDirError("--backend ray needs Ray Tune: pip install 'exitnas[ray]'") from None
     return ray
 
@@ -220,15 +221,46 @@ class _DefineByRun:
 
 
 # ---- the driver ------------------------------------------------------------------------------
-def _init_ray(address: str | None, workers: int) -> None:
+def _init_ray(address: str | None, workers: int, log) -> None:
     ray = _ray()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:  # a private local instance, even if a cluster runs on this machine
+    if not address:  # a private local instance, even if a cluster runs on this machine
         ray.init(address="local", num_cpus=workers, _node_ip_address="127.0.0.1", **kwargs)
+        return
+    mode = _cluster_auth_mode(log)
+    try:
+        ray.init(address=address, **kwargs)
+    except ray.exceptions.AuthenticationError:
+        raise RunDirError(f"--address {address}: Ray token authentication is on but this "
+                          "process has no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or "
+                          "copy the cluster's ~/.ray/auth_token here (launch/README.md)") from None
+    except ConnectionError as err:
+        hint = ("is RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token the cluster's "
+                "token?" if mode == "token" else "it may require a token (RAY_AUTH_MODE=token)")
+        raise RunDirError(f"--address {address}: cannot connect to the Ray cluster ({err}); is "
+                          f"it running, and {hint}") from None
+
+
+def _cluster_auth_mode(log) -> str:
+    """Ray 2.60 sends its token only in token mode, and connecting by an explicit address
+    never turns token mode on: unset, ``RAY_AUTH_MODE`` becomes ``token`` (the shipped
+    cluster runs with it); ``disabled`` connects without a token, with a warning."""
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is not None and mode.lower() not in ("token", "disabled"):
+        raise RunDirError(f"RAY_AUTH_MODE={mode!r}: expected token or disabled")
+    if mode is not None and mode.lower() == "disabled":
+        print("search: RAY_AUTH_MODE=disabled: connecting without a token; anyone who can reach "
+              "the cluster can run code on it", file=log, flush=True)
+        return "disabled"
+    if mode is None:
+        os.environ[AUTH_MODE_ENV] = "token"
+        if "ray._raylet" in sys.modules:  # Ray caches its config: refresh it, as ray.init does
+            from ray._raylet import Config
+
+            Config.initialize("")
+    return "token"
 
 
 def _load_study(spec, name: str):
@@ -246,23 +278,29 @@ def _count_complete(study) -> int:
 def run_ray(*, run, space, spec, study_name, costs, budget, genome, sampler_kind, seed,
             population, n_trials, workers, address, weights, log=sys.stderr) -> dict:
     """Run Ray Tune trials until the study holds ``n_trials`` complete trials."""
-    ray = _ray()
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     from ._run import join_session
     from ._sampler import make_sampler, session_seed
 
     exp_root = (run.path / "search" / "ray").resolve()
     state_path = exp_root / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = read_state(state_path)
     study = _load_study(spec, study_name)
     before = _count_complete(study)
-    _init_ray(address, workers)
+    resume = None  # checked before Ray is even imported: a refused run directory starts nothing
+    if state.get("study") == study_name and state.get("target") == n_trials and before < n_trials:
+        folder = trusted_experiment(run.path, state_path, state.get("experiment"))
+        resume = folder if (folder / "tuner.pkl").is_file() else None  # = Tuner.can_restore
+    ray = _ray()
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    umask = os.umask(0)
+    os.umask(umask | 0o022)  # what this driver writes is writable by its owner only
     restored, rounds = False, 0
-    start = time.perf_counter()
     try:
+        _init_ray(address, workers, log)
+        start = time.perf_counter()
         node = ray.get_runtime_context().get_node_id()
         server = ray.remote(_CacheServerImpl).options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
@@ -270,12 +308,10 @@ def run_ray(*, run, space, spec, study_name, costs, budget, genome, sampler_kind
         context = _WorkerContext(key=f"{study_name}:{os.getpid()}:{time.time()}", genome=genome,
                                  costs=costs, budget=budget, server=server)
         trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": 1})
-        last = exp_root / state.get("experiment", "-")
-        if (state.get("study") == study_name and state.get("target") == n_trials
-                and before < n_trials and tune.Tuner.can_restore(str(last))):
-            print(f"search: resuming Ray Tune experiment {last}", file=log, flush=True)
+        if resume is not None:
+            print(f"search: resuming Ray Tune experiment {resume}", file=log, flush=True)
             join_session(study, spec.lock(study_name))  # before the searcher judges stale trials
-            tune.Tuner.restore(str(last), trainable=trainable, resume_unfinished=True,
+            tune.Tuner.restore(str(resume), trainable=trainable, resume_unfinished=True,
                                resume_errored=True).fit()
             restored = True
         StudySearch = _searcher_class()
@@ -302,6 +338,7 @@ def run_ray(*, run, space, spec, study_name, costs, budget, genome, sampler_kind
         nodes = len({n["NodeID"] for n in ray.nodes() if n["Alive"]})
     finally:
         ray.shutdown()
+        os.umask(umask)
     after = _count_complete(study)
     return {"committed": after - before, "loop_seconds": loop_seconds, "cache": stats,
             "ray_restored": restored, "ray_rounds": rounds, "ray_nodes": nodes}
