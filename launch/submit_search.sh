@@ -6,7 +6,9 @@
 #
 # The driver runs on the head node (where the run directory and the data must be readable:
 # the supernet's cache actor is pinned to the driver's node). Rerunning the same command
-# resumes the search (Tuner.restore) and stops at exactly --trials complete trials.
+# resumes the search (Tuner.restore) and stops at exactly --trials complete trials. The driver
+# runs with RAY_AUTH_MODE=token and the head's ~/.ray/auth_token (see ray-cluster.yaml); so
+# does `ray job submit` here, with your ~/.ray/auth_token (the one ray-cluster.yaml copies).
 #
 # Environment:
 #   CLUSTER          cluster config (default: launch/ray-cluster.yaml)
@@ -16,7 +18,7 @@
 #                    `ray dashboard "$CLUSTER"` in another terminal first)
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then usage; exit 2; fi
 
 CLUSTER="${CLUSTER:-$(dirname "$0")/ray-cluster.yaml}"
@@ -26,9 +28,9 @@ EXITNAS="~/exitnas-venv/bin/exitnas"
 
 args=(search "$RUN_DIR" --backend ray --address auto "$@")
 quoted=$(printf ' %q' "${args[@]}")
-envs=""
+envs="RAY_AUTH_MODE=token "
 if [[ -n "${EXITNAS_STORAGE:-}" ]]; then
-  envs="EXITNAS_STORAGE=$(printf '%q' "$EXITNAS_STORAGE") "
+  envs+="EXITNAS_STORAGE=$(printf '%q' "$EXITNAS_STORAGE") "
 fi
 
 case "$MODE" in
@@ -37,6 +39,7 @@ case "$MODE" in
     exec ray exec "$CLUSTER" --tmux "${envs}${EXITNAS}${quoted}"
     ;;
   job)
+    export RAY_AUTH_MODE=token  # the dashboard asks for the token too
     exec ray job submit --address http://127.0.0.1:8265 -- bash -lc "${envs}${EXITNAS}${quoted}"
     ;;
   *)
