@@ -179,15 +179,19 @@ def _onnx_decompositions() -> dict:
     return {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_windows}
 
 
-def _to_onnx(ep, x: torch.Tensor, path: Path, n_out: int) -> None:
+def _to_onnx(ep, args: tuple, path: Path, n_out: int) -> None:
+    """Write ``ep`` (called on ``args``) as ONNX: inputs x (x_0, x_1... when ``args`` hold
+    several tensors), outputs logits (logits_0, logits_1...)."""
     names = ["logits"] if n_out == 1 else [f"logits_{k}" for k in range(n_out)]
+    n_in = len(torch.utils._pytree.tree_leaves(args))
+    inputs = ["x"] if n_in == 1 else [f"x_{k}" for k in range(n_in)]
     table = _onnx_decompositions()
     if any(n.target in table for n in ep.graph.nodes):
         ep = ep.run_decompositions(table)
     # the dynamo exporter prints progress lines; keep the CLI's output ours
     with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(ep, (x,), str(path), dynamo=True, external_data=False,
-                          input_names=["x"], output_names=names)
+        torch.onnx.export(ep, args, str(path), dynamo=True, external_data=False,
+                          input_names=inputs, output_names=names)
 
 
 def _onnx_failure(err: BaseException) -> str:
@@ -288,7 +292,7 @@ def _write_onnx(tmp: Path, programs: list, graphs: dict) -> str | None:
     and returns why."""
     for name, ep, x, ref, n_out in programs:
         try:
-            _to_onnx(ep, x, tmp / f"{name}.onnx", n_out)
+            _to_onnx(ep, (x,), tmp / f"{name}.onnx", n_out)
             diff = _onnx_check(tmp / f"{name}.onnx", x, ref)
         except Exception as err:  # an optional exporter: never lose the required outputs
             for f in tmp.glob("*.onnx"):
