@@ -273,6 +273,75 @@ def test_export_cli_with_weights_file_and_refusals(exported, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+# ---- a graph without ONNX ----------------------------------------------------------------
+NO_ONNX_HEAD = r"""
+import sys
+import torch
+from torch import nn
+from exitnas import cost
+from exitnas.heads import HEADS
+
+
+@HEADS.register("bessel")  # a user's head: torch.special.i0 has no ONNX function
+class BesselHead(nn.Module):
+    def __init__(self, *, in_channels, num_classes):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.special.i0(torch.flatten(self.pool(x), 1)))
+
+
+cost.EXTRA_HANDLES["aten::i0"] = lambda inputs, outputs: 0  # and its cost rule, for fvcore
+space_file, run_dir, weights, out = sys.argv[1:5]
+from exitnas.arch import Arch
+from exitnas.cli import main
+from exitnas.io import save_weights
+from exitnas.rundir import RunDir
+from exitnas.space import load_space
+from exitnas.supernet import build_model
+
+space = load_space(space_file)
+RunDir(run_dir).init(space)
+arch = Arch.parse("d2.2~s0b1=bessel,s1b0=linear~max_softmax=0.5,0.5")
+save_weights(weights, build_model(space, arch, seed=0).state_dict())
+sys.exit(main(["export", run_dir, "--arch", arch.id, "--out", out, "--weights", weights]))
+"""
+
+
+@needs_onnx
+def test_a_graph_without_onnx_keeps_the_required_outputs(tmp_path):
+    """A head whose op has no ONNX function: `exitnas export` exits 2 with one line naming the
+    graph and the op, and the export is there without ONNX: every .pt2, the weights and
+    arch.json (onnx_skipped says why); the pt2 runtime predicts, the ONNX one says why not."""
+    from exitnas.runtime import ExportError, load
+
+    space_file = tmp_path / "bessel.yaml"
+    space_file.write_text((ROOT / "tests" / "data" / "tiny.yaml").read_text()
+                          .replace("heads: [linear, sdn_pool, conv, mlp]", "heads: [bessel, linear]"))
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-c", NO_ONNX_HEAD, str(space_file), str(tmp_path / "run"),
+                           str(tmp_path / "w.safetensors"), str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    err = _one_line_error(proc)
+    import re
+
+    # the exporter decomposes aten.special_i0 into prims.bessel_i0, which it cannot translate
+    assert re.search(r"ONNX export of graph model failed: op \S*i0\S* has no ONNX function;", err), err
+    assert str(out) in err and "--no-onnx" in err
+    m = json.loads((out / "arch.json").read_text())
+    assert m["onnx_skipped"] in err and "onnx" not in m["versions"]
+    names = sorted(p.name for p in out.iterdir())
+    graphs = ["model"] + [f"{g}_{k}" for g in ("segment", "head") for k in range(3)]
+    assert names == sorted([f"{g}.pt2" for g in graphs] + ["arch.json", "weights.safetensors"])
+    assert all("onnx" not in g for g in m["graphs"].values())
+    x = torch.randn(5, 3, 8, 8)
+    assert load(out).predict(x).pred.shape == (5,)
+    with pytest.raises(ExportError, match="exported without ONNX"):
+        load(out, backend="onnx")
+
+
 # ---- atomicity ----------------------------------------------------------------------------
 def _export_proc(run: Path, arch: str, out: Path) -> subprocess.Popen:
     import os
