@@ -289,17 +289,70 @@ def _wait_complete(run: Path, at_least: int, proc: subprocess.Popen, timeout: fl
     raise AssertionError(f"fewer than {at_least} trials after {timeout} s")
 
 
+# Where a kill -9 of the in-process search can land. It never writes a RUNNING trial (a trial
+# is committed whole, see exitnas/search/_inprocess.py), so what a kill can break is the commit:
+# killed holding the commit lock (flock: the kernel frees it), or inside the journal write
+# (Optuna's symlink lock file is left behind: the next process must break it), or while
+# scoring (nothing held). Each kill below is aimed at one of them and proven to have landed
+# there: the process is stopped (SIGSTOP), its locks are read from the file system and
+# /proc/locks, and it is killed only when caught in the phase aimed at.
+KILL_PHASES = ("scoring", "commit lock", "journal write lock")
+
+
+def _phase(pid: int, journal: Path) -> str:
+    if os.path.lexists(f"{journal}.lock"):  # JournalFileSymlinkLock, held only inside a write
+        return "journal write lock"
+    inode = os.stat(f"{journal}.exitnas-lock").st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        f = line.split()  # "1: FLOCK  ADVISORY  WRITE <pid> <maj>:<min>:<inode> 0 EOF"
+        if f[1] == "FLOCK" and f[4] == str(pid) and int(f[5].rsplit(":", 1)[1]) == inode:
+            return "commit lock"
+    return "scoring"
+
+
+def _stopped(pid: int) -> bool:
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state in ("T", "t")
+
+
+def _kill_in_phase(proc: subprocess.Popen, journal: Path, phase: str, timeout: float = 90) -> str:
+    """SIGSTOP the search until it is caught in ``phase``, then SIGKILL it there."""
+    rng = random.Random(0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the search ended before it was caught in {phase!r}"
+        os.kill(proc.pid, signal.SIGSTOP)
+        while not _stopped(proc.pid):
+            time.sleep(0.0002)
+        if _phase(proc.pid, journal) == phase:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return phase
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(rng.uniform(0.001, 0.008))
+    raise AssertionError(f"never caught the search in phase {phase!r} in {timeout} s")
+
+
 def test_kill9_during_inprocess_search_then_rerun_gives_exactly_n(tiny_run):
-    n = 1500  # more than one process finishes before the kills
-    for at_least in (20, 300):
+    n = 1500  # no process finishes before it is caught (each is caught within ~1 s)
+    journal = tiny_run / "search" / "study.log"
+    landed = []
+    for at_least, phase in zip((20, 200, 400), KILL_PHASES):
         proc = _spawn_search(tiny_run, "--trials", str(n))
         _wait_complete(tiny_run, at_least, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        counts = trial_counts(tiny_run)
-        assert at_least <= counts["complete"] < n and counts["running"] == 0
+        landed.append(_kill_in_phase(proc, journal, phase))
+        # killed inside a journal write, it left Optuna's lock file: the next process must
+        # break it (after the lock's 10 s grace period), not hang or write beside it
+        assert os.path.lexists(f"{journal}.lock") == (phase == "journal write lock")
+        counts = trial_counts(tiny_run)  # the journal replays: whole records only
+        assert at_least <= counts["complete"] < n
+        assert counts["numbers_unique"] and counts["numbers_contiguous"] and counts["uids_unique"]
+    assert landed == list(KILL_PHASES)
     r = run_cli("search", tiny_run, "--trials", str(n), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
+    assert not os.path.lexists(f"{journal}.lock")
+    # exactly N, each committed once (running / fail are 0 by construction in-process: the
+    # backend writes only finished trials; the counts that can go wrong are the others)
     assert trial_counts(tiny_run) == {"complete": n, "running": 0, "fail": 0,
                                       "numbers_unique": True, "numbers_contiguous": True,
                                       "uids_unique": True}
