@@ -102,9 +102,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_space,
     calls = {"n": 0}
     steps_per_epoch = len(load_splits(space).train) // space.data.batch_size
 
-    def poisoned(self, x, y, depths):
+    def poisoned(self, x, y, depths, *rest):
         calls["n"] += 1
-        total, largest = real(self, x, y, depths)
+        total, largest = real(self, x, y, depths, *rest)
         if calls["n"] == steps_per_epoch + 2:  # epoch 2, step 2
             total = total * float("nan")
         return total, largest
