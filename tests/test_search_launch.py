@@ -35,7 +35,8 @@ def _fake_home(tmp_path: Path) -> tuple[Path, Path]:
     venv = home / "exitnas-venv" / "bin"
     venv.mkdir(parents=True)
     log = tmp_path / "ray-calls"
-    (venv / "ray").write_text(f'#!/bin/sh\necho "RAY_AUTH_MODE=${{RAY_AUTH_MODE:-unset}} $*" >> {log}\n')
+    (venv / "ray").write_text(f'#!/bin/sh\necho "RAY_AUTH_MODE=${{RAY_AUTH_MODE:-unset}} '
+                              f'umask=$(umask) $*" >> {log}\n')
     (venv / "ray").chmod(0o755)
     return home, log
 
@@ -66,12 +67,13 @@ def test_every_ray_start_runs_with_token_auth(tmp_path):
     cfg = _config()
     home, log = _fake_home(tmp_path)
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        r = _sh([c.replace("ulimit -n 65536; ", "") for c in cfg[key]], home)
+        # from a user's umask 002 (group-writable files): Ray must start with group write off
+        r = _sh(["umask 002"] + [c.replace("ulimit -n 65536; ", "") for c in cfg[key]], home)
         assert r.returncode == 0, r.stderr
     calls = log.read_text().splitlines()
     starts = [c for c in calls if " start " in c + " "]
-    assert len(starts) == 2 and starts[0].split()[2] == "--head", calls
-    assert all(c.startswith("RAY_AUTH_MODE=token start ") for c in starts), starts
+    assert len(starts) == 2 and starts[0].split()[3] == "--head", calls
+    assert all(c.startswith("RAY_AUTH_MODE=token umask=0022 start ") for c in starts), starts
     assert "--address=10.0.0.10:6379" in starts[1]
 
 
