@@ -20,6 +20,11 @@ finish their original Optuna trial; RUNNING Optuna trials that no restored Tune 
 marked FAIL. Exactly N: the searcher stops suggesting once the storage holds N complete trials
 plus its own running ones, and the driver tops up with a fresh Tuner if trials failed for good.
 
+Trust: ``Tuner.restore`` unpickles the experiment folder, so it is checked first (see
+``_trust``). Auth: a driver given ``--address`` runs in Ray's token mode (``RAY_AUTH_MODE=token``
+unless set; Ray 2.60 never turns it on for an explicit address) and a missing or wrong token is
+one line, exit 2.
+
 ``EXITNAS_TRIAL_SLEEP_S`` (tests only) makes every trial sleep that long before scoring, so a
 test can kill a worker or the driver mid-trial.
 """
