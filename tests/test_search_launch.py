@@ -94,10 +94,12 @@ def test_submit_script_runs_the_search_on_the_head(tmp_path):
                       EXITNAS_STORAGE="postgresql://u:p w@10.0.0.10/exitnas")
     assert r.returncode == 0, r.stderr
     lines = argv.splitlines()[1:]
-    assert lines[0] == "exec" and lines[1].endswith("launch/ray-cluster.yaml") and lines[2] == "--tmux"
+    assert lines[0] == "exec" and lines[1].endswith("launch/ray-cluster.yaml")
+    assert lines[2] == "--tmux"
     remote = lines[3]
     # the driver on the head uses the token (RAY_AUTH_MODE=token, the head's ~/.ray/auth_token)
-    assert remote.startswith("RAY_AUTH_MODE=token EXITNAS_STORAGE=postgresql://u:p\\ w@10.0.0.10/exitnas ")
+    assert remote.startswith(
+        "RAY_AUTH_MODE=token EXITNAS_STORAGE=postgresql://u:p\\ w@10.0.0.10/exitnas ")
     assert ("~/exitnas-venv/bin/exitnas search /shared/runs/my\\ run --backend ray --address auto "
             "--trials 500 --budget 0.6") in remote
     r, argv = _submit(tmp_path, "/shared/runs/x", MODE="job")
