@@ -69,7 +69,9 @@ def _on_grid(t: float, rule: _Rule) -> float:
     g = rule.grid
     if not math.isfinite(t):
         return float(g[0] if rule.below else g[-1])
-    return float(g[int(np.abs(g - np.float32(t)).argmin())])
+    first = round(float(g[0]) * 10 ** DECIMALS)
+    i = min(max(round(t * 10 ** DECIMALS) - first, 0), len(g) - 1)
+    return float(g[i])
 
 
 class _Problem:
@@ -154,32 +156,42 @@ def fit_thresholds(stats: ArchStats, *, budget_macs: float, policy: str = "max_s
     accuracy at expected MACs <= ``budget_macs`` (module docs). ``value_range`` bounds the
     thresholds (the space's ``policy.threshold_range`` / ``entropy_range``). When no point
     fits the budget, the cheapest start is returned with ``feasible`` False."""
+    return fit_budgets(stats, budgets_macs=(budget_macs,), policy=policy,
+                       value_range=value_range, rounds=rounds)[0]
+
+
+def fit_budgets(stats: ArchStats, *, budgets_macs: Sequence[float], policy: str = "max_softmax",
+                value_range: tuple[float, float] = (0.0, 1.0), rounds: int = 8) -> tuple[Fit, ...]:
+    """:func:`fit_thresholds` for several budgets at once (the starts are scored once)."""
     if policy not in ("max_softmax", "entropy"):
         raise ValueError(f"thresholds of policy {policy!r} are not fitted (max_softmax, entropy)")
     lo, hi = value_range
     values = stats.conf if policy == "max_softmax" else stats.entropy
     rule = _Rule(values=values, below=policy == "entropy", grid=_grid(lo, hi))
-    prob = _Problem(stats, rule, budget_macs)
-    k = stats.num_exits - 1
-    if k == 0:
-        return _result(stats, policy, [], "none", prob)
-    best: dict[str, tuple] = {}
-    cheapest = None
+    probs = [_Problem(stats, rule, b) for b in budgets_macs]
+    if stats.num_exits == 1:
+        return tuple(_result(stats, policy, [], "none", p) for p in probs)
+    scored = []
     for name, ts in _starts(stats, rule, policy, lo, hi):
-        hits, total = prob.outcome(prob.exit_index(ts))
-        if cheapest is None or total < cheapest[1]:
-            cheapest = (ts, total, name)
+        hits, total = probs[0].outcome(probs[0].exit_index(ts))
+        scored.append((name, ts, hits, total))
+    cheapest = min(scored, key=lambda r: r[3])
+    return tuple(_fit_one(stats, policy, prob, scored, cheapest, rounds) for prob in probs)
+
+
+def _fit_one(stats, policy, prob: _Problem, scored, cheapest, rounds: int) -> Fit:
+    best: dict[str, tuple] = {}
+    for name, ts, hits, total in scored:
         if prob.feasible(total) and (name not in best or (hits, -total) > best[name][1:]):
             best[name] = (ts, hits, -total)
     if not best:
-        ts, _, name = cheapest
-        return _result(stats, policy, ts, name, prob)
+        return _result(stats, policy, cheapest[1], cheapest[0], prob)
     results = []
     for name, (ts, _, _) in best.items():
         ts = list(ts)
         for _ in range(rounds):
             changed = False
-            for j in range(k):
+            for j in range(stats.num_exits - 1):
                 changed |= prob.improve_exit(ts, j)
             if not changed:
                 break
@@ -195,4 +207,4 @@ def _result(stats: ArchStats, policy: str, ts: list[float], name: str, prob: _Pr
     return Fit(ts, s.accuracy, s.expected_macs, s.expected_macs <= prob.budget, name)
 
 
-__all__ = ["Fit", "fit_thresholds", "DECIMALS"]
+__all__ = ["Fit", "fit_thresholds", "fit_budgets", "DECIMALS"]
