@@ -1,20 +1,137 @@
-"""Strict dict -> frozen dataclass conversion with field paths in every error.
+"""Strict YAML reading and dict -> frozen dataclass conversion with field paths in every error.
 
 Fields may carry constraints in ``metadata``: ``ge``/``le``/``gt``/``lt`` (numbers, applied to
 each item of a tuple), ``choices`` (a registry-like object or a collection of allowed values),
-``nonempty``. Unknown keys and wrong types are errors, never silently ignored.
+``nonempty``. Unknown keys and wrong types are errors, never silently ignored. Every number
+is finite and fits int64 / float64; every string is printable text.
+
+YAML is read by :func:`read_yaml`: UTF-8 only, at most ``MAX_YAML_BYTES``, nesting at most
+``MAX_DEPTH`` deep, no duplicate keys, integers of at most ``MAX_INT_CHARS`` characters, and
+PyYAML's safe tags only (no Python objects).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
+import reprlib
 import types
 import typing
+import unicodedata
 from typing import Any, Union
+
+import yaml
 
 from .errors import ConfigError
 
 _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+MAX_YAML_BYTES = 1 << 20  # a space file is a few KiB
+MAX_DEPTH = 32            # a space nests 4 levels
+MAX_INT_CHARS = 40        # int64 needs 20 digits; room for 0x / 0b / underscores
+MAX_STR = 4096            # characters in one config string
+INT64 = (-(2**63), 2**63 - 1)
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 6
+_REPR.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """A short, one-line repr of a user's value for error messages (never huge)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return _REPR.repr(value)
+
+
+def key_text(key: Any) -> str:
+    """A key as it appears in a field path: itself when it is short printable text."""
+    if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 80:
+        return key
+    return show(key)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses deep nesting, duplicate keys and over-long integers."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # merge keys may override; non-scalar keys are refused by PyYAML
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {show(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        if len(str(node.value)) > MAX_INT_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer of {len(str(node.value))} characters is too long",
+                node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:map", _StrictLoader.construct_yaml_map)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"character {err.character!r} at offset {err.position} is not allowed in YAML"
+    problem = getattr(err, "problem", None) or "invalid YAML"
+    return f"YAML syntax error{where}: {problem}"
+
+
+def parse_yaml(text: str, *, file: str | None = None, path: str = "") -> Any:
+    """``text`` -> plain data with :class:`_StrictLoader`; errors are ConfigErrors."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_problem(err), file=file, path=path) from None
+
+
+def read_yaml(path, *, file: str | None = None) -> Any:
+    """Read a YAML file: UTF-8 text of at most MAX_YAML_BYTES, then :func:`parse_yaml`."""
+    from pathlib import Path
+
+    path = Path(path)
+    file = str(path) if file is None else file
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_YAML_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"cannot read file ({err.strerror or type(err).__name__})",
+                          file=file) from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"larger than {MAX_YAML_BYTES} bytes; not a space file", file=file)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"not UTF-8 text (byte {raw[err.start]:#04x} at line {line}, "
+                          f"offset {err.start})", file=file) from None
+    return parse_yaml(text.removeprefix("\ufeff"), file=file)
 
 
 def field(default: Any = dataclasses.MISSING, *, doc: str = "", **checks: Any) -> Any:
@@ -54,7 +171,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{value!r} is not one of {', '.join(map(repr, allowed))}", path=path)
+            raise ConfigError(f"{show(value)} is not one of {', '.join(map(repr, allowed))}",
+                              path=path)
         return value
     if origin is tuple:
         args = typing.get_args(tp)
@@ -74,16 +192,28 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"expected an integer, got {_describe(value)}", path=path)
+        if not INT64[0] <= value <= INT64[1]:
+            raise ConfigError(f"{show(value)} is out of range (64-bit integers)", path=path)
         return value
     if tp is float:
         if isinstance(value, str) and _SCI.fullmatch(value.strip()):
-            return float(value)  # PyYAML reads 1e-3 (no dot) as a string
+            value = float(value)  # PyYAML reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {_describe(value)}", path=path)
+        if isinstance(value, int) and abs(value) > 1e308:
+            raise ConfigError(f"{show(value)} is out of range (64-bit floats)", path=path)
+        if not math.isfinite(value):
+            raise ConfigError(f"expected a finite number, got {value!r}", path=path)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {_describe(value)}", path=path)
+        if len(value) > MAX_STR:
+            raise ConfigError(f"string of {len(value)} characters is longer than {MAX_STR}",
+                              path=path)
+        bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")), None)
+        if bad is not None:
+            raise ConfigError(f"{show(value)} holds the control character {bad!r}", path=path)
         return value
     raise TypeError(f"unsupported config type {tp!r} at {path}")
 
@@ -100,7 +230,7 @@ def _shape_matches(tp: Any, value: Any) -> bool:
 def _describe(value: Any) -> str:
     if value is None:
         return "nothing (null)"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {show(value)}"
 
 
 def _check(meta: dict, value: Any, path: str) -> None:
@@ -119,12 +249,17 @@ def _check(meta: dict, value: Any, path: str) -> None:
                 ("lt", lambda a, b: a < b, "<"),
             ):
                 if key in meta and not op(item, meta[key]):
-                    raise ConfigError(f"{item!r} is not {word} {meta[key]!r}", path=where)
+                    raise ConfigError(f"{show(item)} is not {word} {meta[key]!r}", path=where)
         if "choices" in meta and item not in meta["choices"]:
             choices = meta["choices"]
             known = choices.names() if hasattr(choices, "names") else sorted(choices)
-            raise ConfigError(f"unknown value {item!r} (known: {', '.join(map(str, known))})",
+            raise ConfigError(f"unknown value {show(item)} (known: {', '.join(map(str, known))})",
                               path=where)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates every annotation: slow, so once per class
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
@@ -137,10 +272,10 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     for key in data:
         if key not in fields:
             raise ConfigError(
-                f"unknown key {key!r} (known: {', '.join(fields)})",
-                path=f"{path}.{key}" if path else str(key),
+                f"unknown key {show(key)} (known: {', '.join(fields)})",
+                path=f"{path}.{key_text(key)}" if path else key_text(key),
             )
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {}
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name
@@ -177,9 +312,9 @@ def with_overrides(obj: Any, overrides: dict[str, Any]) -> Any:
         parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"unknown key in override {key!r}", path=key)
+                raise ConfigError(f"unknown key in override {show(key)}", path=key_text(key))
             node = node[part]
         if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"unknown key in override {key!r}", path=key)
+            raise ConfigError(f"unknown key in override {show(key)}", path=key_text(key))
         node[parts[-1]] = value
     return from_dict(type(obj), raw)
