@@ -73,11 +73,13 @@ class Predict:
 
         from ..runtime import ExportError, load, read_image
 
+        if args.batch_size < 1:
+            raise DataError(f"--batch-size {args.batch_size}: must be >= 1")
         predictor = load(args.export_dir, backend=args.backend)
         items = _collect(args.inputs)
         c, size = predictor.input_shape[0], predictor.input_shape[1]
         rows = []
-        for start in range(0, len(items), max(1, args.batch_size)):
+        for start in range(0, len(items), args.batch_size):
             chunk = items[start:start + args.batch_size]
             try:
                 images = np.stack([read_image(p, c, size) for p, _ in chunk])

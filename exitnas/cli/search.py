@@ -1,7 +1,10 @@
 """``exitnas search RUN_DIR`` and ``exitnas dashboard RUN_DIR``."""
 from __future__ import annotations
 
+import ipaddress
+import re
 import sys
+from pathlib import Path
 
 from . import command
 from ..errors import RunDirError
@@ -70,6 +73,10 @@ class Dashboard:
         from ..rundir import RunDir
         from ..search._storage import resolve_study
 
+        if not 0 <= args.port <= 65535:
+            raise RunDirError(f"--port {args.port}: not a TCP port (0-65535)")
+        if not _valid_host(args.host):
+            raise RunDirError(f"--host {args.host!r}: not an IP address or host name")
         run = RunDir(args.run_dir)
         space = run.space()
         if not (run.path / "search" / "study.json").is_file():
@@ -77,21 +84,52 @@ class Dashboard:
                               f"`exitnas search {args.run_dir}` first")
         spec, name = resolve_study(run, storage=args.storage, study_name=None,
                                    default_name=f"exitnas-{space.name}")
+        if spec.journal and not Path(spec.journal).is_file():  # opening would create it
+            raise RunDirError(f"{spec.journal}: the run's study journal is missing")
         try:
-            from optuna_dashboard import run_server
+            from optuna_dashboard import wsgi
         except ImportError:
             raise RunDirError("optuna-dashboard is not installed (pip install "
                               "'exitnas[dashboard]')") from None
-        storage = spec.open()
+        app = wsgi(spec.open())
+        server = _bind(args.host, args.port, app)  # a busy port fails here, before any output
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"dashboard: warning: --host {args.host} exposes the study (and its notes "
                   "editor) to every machine that can reach this address", file=sys.stderr)
         host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"dashboard: study {name!r} at http://{host}:{args.port}/dashboard/ "
+        port = server.server_address[1]
+        print(f"dashboard: study {name!r} at http://{host}:{port}/dashboard/ "
               f"(storage {spec.display}); Ctrl-C stops it", flush=True)
         try:
-            run_server(storage, host=args.host, port=args.port)
-        except OSError as err:
-            raise RunDirError(f"--port {args.port}: cannot serve on {args.host} "
-                              f"({err.strerror})") from None
+            server.serve_forever()
+        finally:
+            server.server_close()
         return 0
+
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+
+
+def _valid_host(host: str) -> bool:
+    """An IPv4 / IPv6 literal or a DNS host name (allowlist; anything else never reaches
+    the socket layer)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None
+
+
+def _bind(host: str, port: int, app):
+    """A wsgiref server for ``app`` bound to ``host:port`` (IPv6 when ``host`` has a colon)."""
+    import socket
+    from wsgiref.simple_server import WSGIServer, make_server
+
+    class Server(WSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    try:
+        return make_server(host, port, app, server_class=Server)
+    except OSError as err:
+        raise RunDirError(f"--host {host} --port {port}: cannot serve there "
+                          f"({err.strerror or err})") from None

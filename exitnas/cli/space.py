@@ -36,13 +36,14 @@ class Cost:
 
     @staticmethod
     def run(args):
+        parsed = Arch.parse(args.arch) if args.arch else None  # a bad id fails before any work
         space = load_space(args.file)
-        table = cost_table(space)
-        backbone = table.backbone()
-        if args.arch:
-            arch = Arch.parse(args.arch).validate(space)
+        if parsed is not None:
+            arch = parsed.validate(space)
         else:  # the plain backbone: no early exit
             arch = Arch(depths=space.max_depths, exits=())
+        table = cost_table(space)
+        backbone = table.backbone()
         costs = table.exit_costs(arch)
         exits = [{"position": f"s{e.stage}b{e.block}", "head": e.head, "macs": c,
                   "relative": c / backbone} for e, c in zip(arch.exits, costs)]
