@@ -7,6 +7,7 @@ MACs (a sample that runs every exit of the architecture).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -16,23 +17,29 @@ from ..errors import BudgetError
 from ..space import Space
 
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
+# a decimal number (no sign, no nan / inf), then an optional K / M / G; blanks around
+_BUDGET = re.compile(r"[ \t]*([0-9]{0,30}\.?[0-9]{1,30}(?:[eE][+-]?[0-9]{1,3})?)[ \t]*([kKmMgG]?)[ \t]*")
 
 
 def parse_macs(text: str | float, *, backbone: int, what: str = "--budget") -> float:
     """``0.6`` -> 0.6 x backbone MACs; ``20M`` / ``1.5G`` / ``40000000`` -> absolute MACs."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise BudgetError(f"{what} {text!r}: expected a number or a string such as 20M")
     if isinstance(text, (int, float)):
         value, suffix = float(text), ""
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)\s*", str(text))
+        m = _BUDGET.fullmatch(text)
         if not m:
-            raise BudgetError(f"{what} {text!r}: expected a fraction of the backbone (<= 1) or "
+            shown = repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
+            raise BudgetError(f"{what} {shown}: expected a fraction of the backbone (<= 1) or "
                               "MACs such as 20M or 1.5G")
         value, suffix = float(m.group(1)), m.group(2).upper()
+    macs = value * backbone if suffix == "" and value <= 1.0 else value * _SUFFIX[suffix]
+    if not math.isfinite(macs):
+        raise BudgetError(f"{what} {text!r}: not a finite number of MACs")
     if value <= 0:
         raise BudgetError(f"{what} {text!r}: must be > 0")
-    if suffix == "" and value <= 1.0:
-        return value * backbone
-    return value * _SUFFIX[suffix]
+    return macs
 
 
 @dataclass(frozen=True, kw_only=True)
