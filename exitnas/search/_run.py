@@ -79,8 +79,13 @@ def open_study(spec: StorageSpec, name: str, *, identity: dict):
     import optuna
 
     storage = spec.open()
-    study = optuna.create_study(storage=storage, study_name=name, directions=list(DIRECTIONS),
-                                load_if_exists=True, sampler=optuna.samplers.RandomSampler())
+    try:  # load first: create_study(load_if_exists=True) appends to a journal even when the
+        # study exists, so a run refused below would still have changed the storage
+        study = optuna.load_study(storage=storage, study_name=name,
+                                  sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        study = optuna.create_study(storage=storage, study_name=name, directions=list(DIRECTIONS),
+                                    load_if_exists=True, sampler=optuna.samplers.RandomSampler())
     if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
         raise RunDirError(f"study {name!r} in {spec.display} has directions "
                           f"{[d.name for d in study.directions]}, not an exitnas study")
