@@ -61,7 +61,12 @@ class StorageSpec:
 
         if self.journal:
             Path(self.journal).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(journal_backend(self.journal))
+            try:  # Optuna replays the whole file here; a damaged one fails in many ways
+                return optuna.storages.JournalStorage(journal_backend(self.journal))
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError,
+                    AssertionError) as err:
+                raise RunDirError(f"{self.journal}: not a readable Optuna journal "
+                                  f"({type(err).__name__}: {str(err)[:120]})") from None
         kwargs = {}
         if self.dialect == "sqlite":  # wait for a busy database instead of failing at once
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
@@ -128,8 +133,9 @@ class _JournalBackend(_journal_base()):
                 + "\n").encode("utf-8")
         self._exitnas_lock.acquire()
         try:
-            fd = os.open(self._exitnas_path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self._exitnas_path, os.O_RDWR | os.O_APPEND)
             try:
+                _drop_torn_tail(fd)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
@@ -148,6 +154,23 @@ class _JournalBackend(_journal_base()):
         finally:
             os.close(fd)
         self._last_sync = time.monotonic()
+
+
+def _drop_torn_tail(fd: int) -> None:
+    """Cut a last line without its newline (a writer killed mid-record; replay ignores it)
+    before appending: written after it, the next record would fuse with it into a line that
+    does not parse, and every later replay would fail. Called with the journal lock held."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = max(0, size - (1 << 16))
+    while True:
+        chunk = os.pread(fd, size - start, start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0 or start == 0:
+            os.ftruncate(fd, start + cut + 1 if cut >= 0 else 0)
+            return
+        start = max(0, start - (1 << 16))
 
 
 def default_journal(run_dir) -> Path:
