@@ -160,6 +160,8 @@ class SupernetConfig:
                         "per sub-network one sampled exit set (<= exits.max_exits) also trains "
                         "the backbone. disjoint = backbone + detached, mixed = backbone + "
                         "sampled, joint = scratch + sampled")
+    loss: str = field("sandwich", choices=losses.SUPERNET_LOSSES,
+                      doc="how a sandwich pass combines its exits' losses (losses.SUPERNET_LOSSES)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +177,14 @@ class SearchConfig:
     storage: str | None = field(None, doc="SQLAlchemy URL or journal path (default: run dir)")
     workers: int = field(2, ge=1, le=2**16, doc="concurrent Ray trials")
     retrain_top: int = field(3, ge=1, le=10**6, doc="front members retrained by `exitnas run`")
+    thresholds: Literal["fitted", "evolved"] = field(
+        "fitted", doc="fitted: each candidate's exit thresholds are fitted on val for every "
+                      "deploy budget (exitnas.thresholds); evolved: thresholds are genes")
+    deploy_budgets: tuple[float, ...] | None = field(
+        None, gt=0.0, doc="expected-MACs budgets to deploy at: fractions of the backbone's MACs "
+                          "(<= 1) or MACs (> 1), each <= the search budget; the search maximises "
+                          "the mean val accuracy over them, thresholds fitted per budget "
+                          "(default: the search budget)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -64,18 +64,30 @@ def test_genome_encode_decode_round_trip(space_file):
     from exitnas.search import Genome
     from exitnas.space import load_space
 
-    space = load_space(space_file)
+    space = load_space(space_file, {"search.thresholds": "evolved"})
     genome = Genome(space)
     rng = random.Random(0)
     for _ in range(200):
         arch = sample_arch(space, rng)
         assert genome.decode(genome.encode(arch)) == arch
+    # fitted thresholds: the genome is the structure; thresholds decode to "nobody leaves"
+    fitted = Genome(load_space(space_file))
+    assert not any(k.startswith(("thr", "ent")) for k in fitted.encode(arch))
+    p = space.policy
+    for _ in range(200):
+        arch = sample_arch(space, rng)
+        back = fitted.decode(fitted.encode(arch))
+        assert (back.depths, back.exits, back.policy) == (arch.depths, arch.exits, arch.policy)
+        want = {"max_softmax": (p.threshold_range[1],) * len(arch.exits),
+                "entropy": (p.entropy_range[0],) * len(arch.exits)}.get(arch.policy, arch.thresholds)
+        assert back.thresholds == want
 
 
 def test_genome_repairs_inactive_and_duplicate_slots(tiny_space):
     from exitnas.search import Genome
 
-    genome = Genome(tiny_space)  # positions s0b0, s0b1, s1b0; 2 slots
+    genome = Genome(tiny_space.with_overrides({"search.thresholds": "evolved"}))
+    # positions s0b0, s0b1, s1b0; 2 slots
     base = {"depth0": 1, "depth1": 2, "n_exits": 2, "exit0": "s0b1", "exit1": "s0b0",
             "head0": "conv", "head1": "linear", "thr0": 0.7, "thr1": 0.9, "ent0": 0.1,
             "ent1": 0.2, "policy": "max_softmax", "patience": 1}

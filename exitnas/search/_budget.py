@@ -49,6 +49,7 @@ class Budget:
     backbone_macs: int
     expected_macs: float | None
     path_macs: float | None = None
+    deploy_macs: tuple[float, ...] = ()  # ascending; thresholds are fitted for each
 
     def constraints(self, expected: float, path: float) -> dict[str, float]:
         """Optuna constraint values (feasible when <= 0), in units of the backbone's MACs so
@@ -65,7 +66,9 @@ class Budget:
         return {"backbone_macs": b, "expected_macs": self.expected_macs,
                 "expected_fraction": None if self.expected_macs is None else self.expected_macs / b,
                 "path_macs": self.path_macs,
-                "path_fraction": None if self.path_macs is None else self.path_macs / b}
+                "path_fraction": None if self.path_macs is None else self.path_macs / b,
+                "deploy_macs": list(self.deploy_macs),
+                "deploy_fractions": [m / b for m in self.deploy_macs]}
 
 
 def cheapest_costs(space: Space, costs: CostTable) -> tuple[float, float]:
@@ -121,4 +124,27 @@ def resolve_budget(space: Space, costs: CostTable, *, budget: str | float | None
     if path is not None and path < low_path:
         raise BudgetError(f"path budget {_fmt(path, backbone)} is below the cheapest worst-case "
                           f"path of any architecture in space {space.name!r}: {_fmt(low_path, backbone)}")
-    return Budget(backbone_macs=backbone, expected_macs=expected, path_macs=path)
+    return Budget(backbone_macs=backbone, expected_macs=expected, path_macs=path,
+                  deploy_macs=deploy_budgets(space, backbone, expected, low_expected))
+
+
+def deploy_budgets(space: Space, backbone: int, expected: float | None,
+                   lowest: float) -> tuple[float, ...]:
+    """``search.deploy_budgets`` in MACs, ascending (default: the search budget, else the
+    backbone's MACs); each must lie between the cheapest reachable cost and the search budget."""
+    values = space.search.deploy_budgets
+    if values is None:
+        return (float(expected if expected is not None else backbone),)
+    out = []
+    for i, v in enumerate(values):
+        macs = parse_macs(v, backbone=backbone, what=f"search.deploy_budgets[{i}]")
+        if expected is not None and macs > expected:
+            raise BudgetError(f"search.deploy_budgets[{i}] {_fmt(macs, backbone)} is above the "
+                              f"search budget {_fmt(expected, backbone)}")
+        if macs < lowest:
+            raise BudgetError(f"search.deploy_budgets[{i}] {_fmt(macs, backbone)} is below the "
+                              f"cheapest expected cost of any architecture: {_fmt(lowest, backbone)}")
+        out.append(macs)
+    if len(set(out)) != len(out):
+        raise BudgetError("search.deploy_budgets: lists a budget twice")
+    return tuple(sorted(out))

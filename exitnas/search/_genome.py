@@ -10,6 +10,11 @@ parameters that the chosen depths or policy make irrelevant are carried but inac
   threshold (only those the space's policies use);
 - ``policy`` (when the space allows several) and ``patience``.
 
+With ``search.thresholds: fitted`` (the default) there are no threshold genes: the genome is
+the structure (depths, exits, heads, policy) and decodes with placeholder thresholds (the
+top of ``threshold_range`` / the bottom of ``entropy_range``: no sample leaves early), which
+the objective replaces by thresholds fitted on val (:mod:`exitnas.thresholds`).
+
 Why slots and not one gene per candidate position: with 14 positions and at most 6 exits
 (``resnet_cifar``), a random per-position genome asks for ~11 exits and must be truncated,
 which biases the search towards whichever exits the truncation keeps. Slots hold at most
@@ -44,6 +49,9 @@ class Genome:
         self.slots = min(space.exits.max_exits, len(self.positions))
         self.min_exits = min(space.exits.min_exits, self.slots)
         self.policies = space.policy.names
+        self.fitted = space.search.thresholds == "fitted"
+        self.genes = () if self.fitted else tuple(
+            g for g, p in (("thr", "max_softmax"), ("ent", "entropy")) if p in self.policies)
 
     # ---- define-by-run ---------------------------------------------------------------------
     def suggest(self, trial) -> dict[str, Any]:
@@ -60,9 +68,9 @@ class Genome:
             out[f"exit{k}"] = trial.suggest_categorical(f"exit{k}", labels)
             if len(sp.exits.heads) > 1:
                 out[f"head{k}"] = trial.suggest_categorical(f"head{k}", list(sp.exits.heads))
-            if "max_softmax" in self.policies:
+            if "thr" in self.genes:
                 out[f"thr{k}"] = trial.suggest_float(f"thr{k}", *sp.policy.threshold_range)
-            if "entropy" in self.policies:
+            if "ent" in self.genes:
                 out[f"ent{k}"] = trial.suggest_float(f"ent{k}", *sp.policy.entropy_range)
         if len(self.policies) > 1:
             out["policy"] = trial.suggest_categorical("policy", list(self.policies))
@@ -90,9 +98,11 @@ class Genome:
             k = taken[pos]
             exits.append(Exit(pos[0], pos[1], str(params.get(f"head{k}", sp.exits.heads[0]))))
             if policy == "max_softmax":
-                values.append(float(params[f"thr{k}"]))
+                values.append(float(params[f"thr{k}"]) if "thr" in self.genes
+                              else sp.policy.threshold_range[1])
             elif policy == "entropy":
-                values.append(float(params[f"ent{k}"]))
+                values.append(float(params[f"ent{k}"]) if "ent" in self.genes
+                              else sp.policy.entropy_range[0])
         if policy == "patience":
             values = [float(int(params["patience"]))]
         return Arch(depths=depths, exits=tuple(exits), policy=policy, thresholds=tuple(values))
@@ -126,10 +136,10 @@ class Genome:
             if len(sp.exits.heads) > 1:
                 out[f"head{k}"] = e.head if e else sp.exits.heads[0]
             t = arch.thresholds[k] if e and arch.policy in ("max_softmax", "entropy") else None
-            if "max_softmax" in self.policies:
+            if "thr" in self.genes:
                 out[f"thr{k}"] = t if arch.policy == "max_softmax" and t is not None \
                     else sp.policy.threshold_range[1]
-            if "entropy" in self.policies:
+            if "ent" in self.genes:
                 out[f"ent{k}"] = t if arch.policy == "entropy" and t is not None \
                     else sp.policy.entropy_range[0]
         if len(self.policies) > 1:

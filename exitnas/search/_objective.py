@@ -1,7 +1,12 @@
 """Scoring a trial: cached exit statistics -> objectives, constraints and user attributes.
 
-Objectives: validation accuracy under the arch's exit policy (maximise) and expected MACs per
-sample (minimise). Constraints (Optuna's ``trial.set_constraint``; feasible when <= 0): expected
+Objectives: validation accuracy (maximise) and expected MACs per sample (minimise). With
+``search.thresholds: fitted`` (default) the trial's exit thresholds are fitted on val for every
+deploy budget (:class:`Fitter`); the accuracy objective is the mean over the deploy budgets of
+the fitted accuracy (0 at a budget the arch cannot meet), the trial's arch carries the
+thresholds of the largest budget, and its expected MACs are theirs. Each budget's fit is kept
+in ``user_attrs["fits"]`` (and ``val_acc@<fraction>``), which is what deployment picks from.
+With ``evolved`` thresholds the accuracy is the arch's own under its genes' thresholds. Constraints (Optuna's ``trial.set_constraint``; feasible when <= 0): expected
 MACs <= budget and, when set, worst-case path MACs <= the path budget. optuna-dashboard 0.21
 reads feasibility only from the ``constraints`` system attribute, the list Optuna's older
 ``constraints_func`` wrote, so the same values are written there too (Optuna 5 reads both
@@ -17,13 +22,13 @@ once is never run through the network again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..arch import Arch
 from ..cost import CostTable
-from ..evaluate import ExitCache, load_or_build_cache, score
+from ..evaluate import ArchStats, ExitCache, load_or_build_cache, score
 from ._budget import Budget
 
 METRIC_NAMES = ("accuracy", "expected_macs")
@@ -88,6 +93,7 @@ class TrialRecord:
     exit_accuracy: tuple[float, ...]
     exit_fractions: tuple[float, ...]
     constraints: dict[str, float]
+    fits: tuple[dict, ...] = field(default=())  # per deploy budget (Fitter.fit)
 
     @property
     def feasible(self) -> bool:
@@ -101,7 +107,9 @@ class TrialRecord:
         return {"arch_id": self.arch.id, "arch": self.arch.to_json(),
                 "macs": self.expected_macs, "relative_cost": self.relative_cost,
                 "path_macs": self.path_macs, "exit_accuracy": list(self.exit_accuracy),
-                "exit_fractions": list(self.exit_fractions), "feasible": self.feasible}
+                "exit_fractions": list(self.exit_fractions), "feasible": self.feasible,
+                "fits": list(self.fits),
+                **{f"val_acc@{f['fraction']:.3g}": f["accuracy"] for f in self.fits}}
 
     def apply(self, trial) -> None:
         """Set user attributes and constraints on an Optuna trial (before ``tell``): by name
@@ -117,7 +125,8 @@ class TrialRecord:
         return {"arch": self.arch.to_json(), "accuracy": self.accuracy,
                 "expected_macs": self.expected_macs, "relative_cost": self.relative_cost,
                 "path_macs": self.path_macs, "exit_accuracy": list(self.exit_accuracy),
-                "exit_fractions": list(self.exit_fractions), "constraints": self.constraints}
+                "exit_fractions": list(self.exit_fractions), "constraints": self.constraints,
+                "fits": list(self.fits)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrialRecord":
@@ -125,22 +134,67 @@ class TrialRecord:
                    expected_macs=data["expected_macs"], relative_cost=data["relative_cost"],
                    path_macs=data["path_macs"], exit_accuracy=tuple(data["exit_accuracy"]),
                    exit_fractions=tuple(data["exit_fractions"]),
-                   constraints=dict(data["constraints"]))
+                   constraints=dict(data["constraints"]), fits=tuple(data.get("fits", ())))
+
+
+@dataclass(frozen=True)
+class Fitter:
+    """Fits a trial's thresholds on val for each deploy budget (``budgets``, MACs,
+    ascending); ``ranges`` holds the fitted policies' threshold ranges."""
+
+    budgets: tuple[float, ...]
+    ranges: Mapping[str, tuple[float, float]]
+    backbone_macs: int
+
+    @classmethod
+    def from_space(cls, space, budget: Budget) -> "Fitter | None":
+        if space.search.thresholds != "fitted":
+            return None
+        p = space.policy
+        return cls(budget.deploy_macs, {"max_softmax": tuple(p.threshold_range),
+                                        "entropy": tuple(p.entropy_range)}, budget.backbone_macs)
+
+    def fit(self, cache: ExitCache, arch: Arch, costs: CostTable) -> tuple[Arch, tuple[dict, ...]]:
+        """(arch with the largest budget's thresholds, one dict per budget: budget_macs,
+        fraction, thresholds, accuracy, expected_macs, feasible)."""
+        from ..thresholds import fit_budgets
+
+        if arch.policy in self.ranges:
+            fits = fit_budgets(ArchStats.from_cache(cache, arch, costs), budgets_macs=self.budgets,
+                               policy=arch.policy, value_range=self.ranges[arch.policy])
+            rows = [(f.thresholds, f.accuracy, f.expected_macs, f.feasible) for f in fits]
+            arch = arch.with_thresholds(fits[-1].thresholds)
+        else:  # nothing to fit (patience): the arch's own rule at every budget
+            s = score(cache, arch, costs)
+            rows = [(arch.thresholds, s.accuracy, s.expected_macs, s.expected_macs <= b)
+                    for b in self.budgets]
+        return arch, tuple({"budget_macs": b, "fraction": b / self.backbone_macs,
+                            "thresholds": list(t), "accuracy": float(a),
+                            "expected_macs": float(m), "feasible": bool(ok)}
+                           for b, (t, a, m, ok) in zip(self.budgets, rows))
 
 
 class Objective:
-    """arch -> :class:`TrialRecord`, from cached statistics (no network pass)."""
+    """arch -> :class:`TrialRecord`, from cached statistics (no network pass); thresholds
+    fitted by ``fitter`` when given."""
 
     def __init__(self, *, costs: CostTable, budget: Budget,
-                 caches: Callable[[tuple[int, ...]], ExitCache]) -> None:
-        self.costs, self.budget, self.caches = costs, budget, caches
+                 caches: Callable[[tuple[int, ...]], ExitCache], fitter: Fitter | None = None) -> None:
+        self.costs, self.budget, self.caches, self.fitter = costs, budget, caches, fitter
 
     def __call__(self, arch: Arch) -> TrialRecord:
-        s = score(self.caches(arch.depths), arch, self.costs)
+        cache = self.caches(arch.depths)
+        fits: tuple[dict, ...] = ()
+        if self.fitter is not None:
+            arch, fits = self.fitter.fit(cache, arch, self.costs)
+        s = score(cache, arch, self.costs)
+        accuracy = float(s.accuracy)
+        if fits:
+            accuracy = sum(f["accuracy"] if f["feasible"] else 0.0 for f in fits) / len(fits)
         path = int(s.exit_macs[-1])
-        return TrialRecord(arch=arch, accuracy=float(s.accuracy),
+        return TrialRecord(arch=arch, accuracy=accuracy,
                            expected_macs=float(s.expected_macs),
                            relative_cost=float(s.expected_macs) / self.budget.backbone_macs,
                            path_macs=path, exit_accuracy=tuple(map(float, s.exit_accuracy)),
                            exit_fractions=tuple(map(float, s.exit_fractions)),
-                           constraints=self.budget.constraints(s.expected_macs, path))
+                           constraints=self.budget.constraints(s.expected_macs, path), fits=fits)

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..errors import RunDirError
 from ..io import atomic_write_json
-from ._objective import DIRECTIONS, METRIC_NAMES, CacheStore, Objective, TrialRecord
+from ._objective import DIRECTIONS, METRIC_NAMES, CacheStore, Fitter, Objective, TrialRecord
 from ._storage import OWNER_KEY, fail_stale_trials, owner_tag
 from ._trust import read_state, trusted_experiment
 
@@ -134,7 +134,8 @@ def _trial(config: dict, context: _WorkerContext) -> None:
     objective = _OBJECTIVES.get(context.key)
     if objective is None:
         objective = _OBJECTIVES[context.key] = Objective(
-            costs=context.costs, budget=context.budget, caches=_RemoteCaches(context.server))
+            costs=context.costs, budget=context.budget, caches=_RemoteCaches(context.server),
+            fitter=Fitter.from_space(context.genome.space, context.budget))
     context.server.started.remote(tune.get_context().get_trial_id())
     if os.environ.get(SLEEP_ENV):
         time.sleep(float(os.environ[SLEEP_ENV]))

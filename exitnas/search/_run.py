@@ -66,6 +66,14 @@ def weights_path(run: RunDir) -> Path:
     return path
 
 
+def check_weights(space, path: Path) -> None:
+    """Refuse supernet weights that do not load into ``space``'s supernet before the study is
+    opened (the backends load them only after that, and a refused run must write nothing)."""
+    from ..supernet import Supernet
+
+    Supernet(space).load(path)
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -154,11 +162,13 @@ def run_search(run_dir, options: SearchOptions = SearchOptions(), *, log=sys.std
     costs = cost_table(space)
     budget = resolve_budget(space, costs, budget=options.budget, path_budget=options.path_budget)
     weights = weights_path(run)
+    check_weights(space, weights)
     spec, name = resolve_study(run, storage=options.storage or cfg.storage,
                                study_name=options.study_name,
                                default_name=f"exitnas-{space.name}-{run.path.resolve().name}")
     identity = {"space": space.name, "fingerprint": space.fingerprint,
-                "weights": file_digest(weights), "budget": budget.to_json()}
+                "weights": file_digest(weights), "budget": budget.to_json(),
+                "thresholds": cfg.thresholds}
     study = open_study(spec, name, identity=identity)
     record_study(run, spec, name)
     lock = spec.lock(name)
@@ -198,14 +208,15 @@ def _run_local(*, run, space, study, lock, costs, budget: Budget, genome, sample
     from ..data import load_splits
     from ..supernet import Supernet
     from ._inprocess import run_inprocess
-    from ._objective import CacheStore, Objective
+    from ._objective import CacheStore, Fitter, Objective
     from ._sampler import make_sampler
 
     session = join_session(study, lock)
     failed = fail_stale_trials(study)
     net = Supernet(space).load(weights)
     caches = CacheStore(run_dir=run, net=net, splits=load_splits(space))
-    objective = Objective(costs=costs, budget=budget, caches=caches)
+    objective = Objective(costs=costs, budget=budget, caches=caches,
+                          fitter=Fitter.from_space(space, budget))
     sampler = make_sampler(sampler_kind, seed=session_seed(seed, session),
                            population_size=population)
     start = time.perf_counter()
