@@ -12,6 +12,11 @@ the scale of one cross-entropy and a learning rate tuned for ``mean_ce`` carries
 
 Add your own with ``@LOSSES.register("name")`` on a subclass of :class:`ExitLoss`; the name can
 then be used as ``retrain.loss`` or ``exitnas retrain --loss NAME``.
+
+Supernet training has its own registry, ``SUPERNET_LOSSES`` (``supernet.loss``): an entry
+says how one pass of the sandwich rule (one sub-network, every candidate exit active) turns
+its exits' losses into one scalar and how much gradient the heads that learn on detached
+features send into the backbone (:class:`SupernetLoss`; the default ``sandwich``).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from .errors import ConfigError
 from .registry import Registry
 
 LOSSES: Registry[type["ExitLoss"]] = Registry("loss")
+SUPERNET_LOSSES: Registry[type["SupernetLoss"]] = Registry("supernet loss")
 
 
 class ExitLoss:
@@ -125,4 +131,62 @@ def loss_from_config(cfg) -> ExitLoss:
     return build_loss(cfg.loss, temperature=cfg.loss_temperature, weight=cfg.loss_weight)
 
 
-__all__ = ["LOSSES", "ExitLoss", "build_loss", "loss_from_config", "soft_distill"]
+# ---- supernet losses -----------------------------------------------------------------------
+
+
+class SupernetLoss:
+    """One sandwich pass's loss. The pass computes every candidate exit active at its depths;
+    ``criterion(logits)`` is the pass's loss of one exit (cross-entropy against the labels for
+    the largest network, distillation from its final exit for the others). ``sampled`` are the
+    logits of the exit set the pass stands for (``supernet.heads: sampled``; their gradient
+    reaches the backbone whole), ``detached`` those of every other candidate head, whose
+    gradient into the backbone is scaled by :meth:`head_grad` (0: they learn on detached
+    features). ``head_weight`` and ``head_share`` are the weights of the default entry."""
+
+    def __init__(self, *, head_weight: float = 0.5, head_share: float = 0.0) -> None:
+        self.head_weight = float(head_weight)
+        self.head_share = float(head_share)
+
+    def head_grad(self, detached: int) -> float:
+        """Factor on the gradient each of ``detached`` heads sends into the backbone."""
+        raise NotImplementedError
+
+    def __call__(self, final: torch.Tensor, detached: list[torch.Tensor],
+                 sampled: list[torch.Tensor], criterion) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@SUPERNET_LOSSES.register("sandwich")
+class SandwichLoss(SupernetLoss):
+    """``L_final + head_weight × Σ_h L_h + Σ_e L_e`` over the H detached heads h and the
+    sampled exits e, with the detached heads' gradient into the backbone scaled by
+    ``head_share / H / head_weight``: each head learns from its own loss at a fixed strength
+    however many candidate heads there are, while the backbone sees ``L_final + head_share ×
+    mean_h L_h`` (plus the sampled exits' losses, as a multi-exit model trained with
+    ``mean_ce`` does, up to a constant). Defaults measured on the quickstart space (see
+    :class:`~exitnas.train.SandwichStep`)."""
+
+    def head_grad(self, detached: int) -> float:
+        return self.head_share / max(1, detached) / self.head_weight
+
+    def __call__(self, final, detached, sampled, criterion):
+        loss = criterion(final)
+        if detached:
+            loss = loss + self.head_weight * torch.stack([criterion(z) for z in detached]).sum()
+        if sampled:
+            loss = loss + torch.stack([criterion(z) for z in sampled]).sum()
+        return loss
+
+
+def build_supernet_loss(name: str, *, head_weight: float = 0.5,
+                        head_share: float = 0.0) -> SupernetLoss:
+    """The supernet loss ``name``; an unknown name is a ConfigError naming the field."""
+    try:
+        cls = SUPERNET_LOSSES.get(name)
+    except ConfigError as err:
+        raise ConfigError(str(err), path="supernet.loss") from None
+    return cls(head_weight=head_weight, head_share=head_share)
+
+
+__all__ = ["LOSSES", "ExitLoss", "build_loss", "loss_from_config", "soft_distill",
+           "SUPERNET_LOSSES", "SupernetLoss", "SandwichLoss", "build_supernet_loss"]
