@@ -1,10 +1,19 @@
-"""``exitnas run``: supernet -> search -> retrain -> export -> report on one run directory.
+"""``exitnas run``: backbone -> supernet -> search -> deploy -> export -> report on one run
+directory.
+
+The backbone (stage 0) is trained when the supernet grows from it (``supernet.init:
+backbone`` without ``backbone.weights``). The deploy step picks, for every
+``search.deploy_budgets`` entry, the searched sub-network with the best val accuracy at that
+budget (:mod:`exitnas.deploy`); the picks are written to ``RUN/selected.json`` once, so a rerun
+exports the same ones. Each is exported with the supernet's own weights, BatchNorm re-estimated
+for its depths: the model the search scored, with its val accuracy and expected MACs.
+Fine-tuning (``exitnas finetune``) and retraining from scratch (``exitnas retrain``) are
+separate commands, measured against it in the report.
 
 Every step resumes: training continues from its last epoch checkpoint, the search tops its
-study up to the configured number of completed trials, the architectures chosen for
-retraining are written to ``RUN/selected.json`` once so a rerun retrains the same ones, finished
-retrains and exports are skipped, and the report is rewritten from what exists. Rerunning the
-same command after a kill continues where it stopped.
+study up to the configured number of completed trials, finished exports are skipped, and the
+report is rewritten from what exists. Rerunning the same command after a kill continues where
+it stopped.
 """
 from __future__ import annotations
 
@@ -14,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 from .arch import Arch
-from .errors import RunDirError
 from .io import atomic_write_json
 from .rundir import RunDir
 from .space import Space
@@ -28,38 +36,25 @@ class RunResult:
     report: Path
 
 
-def spread(front: list[dict], k: int) -> list[dict]:
-    """Up to ``k`` members of a front (sorted by cost) spread evenly over its cost range:
-    always the cheapest and the most accurate, then evenly spaced ranks in between."""
-    rows = sorted(front, key=lambda r: r["expected_macs"])
-    if len(rows) <= k:
-        return rows
-    if k == 1:
-        return [rows[-1]]
-    picks = sorted({round(i * (len(rows) - 1) / (k - 1)) for i in range(k)})
-    return [rows[i] for i in picks]
+def select_archs(run: RunDir) -> list[Arch]:
+    """One arch per deploy budget (:func:`exitnas.deploy.deploy_picks`), read from
+    ``RUN/selected.json`` if an earlier run chose them."""
+    from .deploy import deploy_picks
 
-
-def select_archs(run: RunDir, space: Space, front: list[dict]) -> list[Arch]:
-    """The archs to retrain: read from ``RUN/selected.json`` if an earlier run chose them."""
     path = run.path / "selected.json"
     if path.is_file():
         data = json.loads(path.read_text())
-        return [Arch.from_id(a) for a in data["archs"]]
-    if not front:
-        raise RunDirError(f"{run.path / 'search'}: the search found no feasible architecture "
-                          "under the budget; raise search.budget_fraction or add trials")
-    chosen = spread(front, space.search.retrain_top)
-    atomic_write_json(path, {"archs": [r["arch_id"] for r in chosen],
-                             "rule": f"{space.search.retrain_top} front members spread over "
-                                     "the expected-MACs range"})
-    return [Arch.from_id(r["arch_id"]) for r in chosen]
+        return [Arch.from_id(p["arch_id"]) for p in data["picks"]]
+    picks = deploy_picks(run)
+    atomic_write_json(path, {"rule": "per deploy budget, the searched sub-network with the best "
+                                     "val accuracy at that budget, thresholds fitted for it",
+                             "picks": [p.to_json() for p in picks]})
+    return [p.arch for p in picks]
 
 
 def run_pipeline(run: RunDir, space: Space, *, log: Callable[[str], None] = print) -> RunResult:
     from .export import export_run
     from .report import write_report
-    from .retrain import retrain, retrain_dir
     from .search import SearchOptions, run_search
     from .train import train_supernet
 
@@ -78,25 +73,22 @@ def run_pipeline(run: RunDir, space: Space, *, log: Callable[[str], None] = prin
         f"hypervolume {result.hypervolume:.4g}; front: {run.path / 'search' / 'front.md'}")
     log(f"      inspect: exitnas dashboard {run.path}")
 
-    archs = select_archs(run, space, result.front)
-    log(f"[3/5] retrain {len(archs)} archs ({space.retrain.regime}) -> {run.path / 'retrain'}")
-    for arch in archs:
-        if (retrain_dir(run, arch, space.retrain.regime) / "model.safetensors").is_file():
-            log(f"      done before: {arch.id}")
-            continue
-        retrain(run, arch, space=space, log=log)
-
-    log(f"[4/5] export -> {run.path / 'export'}")
+    archs = select_archs(run)
+    log(f"[3/5] deploy: {len(archs)} budget(s) -> {run.path / 'selected.json'}")
+    log(f"[4/5] export (the supernet's weights, BN re-estimated) -> {run.path / 'export'}")
     exports = []
-    for arch in archs:
+    for arch in dict.fromkeys(archs):
         out = run.path / "export" / arch.id
-        if not (out / "arch.json").is_file():
-            export_run(run, arch, out)
+        if (out / "arch.json").is_file():
+            log(f"      done before: {out}")
+        else:
+            export_run(run, arch, out, weights=run.path / "supernet" / "weights.safetensors")
+            log(f"      {out}   (try: exitnas predict {out} IMAGE...)")
         exports.append(out)
-        log(f"      {out}   (try: exitnas predict {out} IMAGE...)")
 
     log(f"[5/5] report -> {run.path / 'report'}")
     write_report(run)
-    log(f"done: {run.path}. Next: exitnas dashboard {run.path} | exitnas predict "
+    log(f"done: {run.path}. Next: exitnas dashboard {run.path} | exitnas finetune {run.path} "
+        f"--arch ID --regime mixed | exitnas predict "
         f"{exports[0] if exports else 'EXPORT_DIR'} IMAGES...")
     return RunResult(run.path, tuple(archs), tuple(exports), run.path / "report")

@@ -1,9 +1,9 @@
-"""``RUN/report/``: every evaluation protocol for every retrained model, as tables and plots.
+"""``RUN/report/``: every evaluation protocol for every model of a run, as tables and plots.
 
     result = write_report(RunDir("runs/q"))     # or: exitnas report runs/q
 
-Models are found at ``RUN/retrain/<arch id>/<regime>/model.safetensors`` (the arch from the
-``arch.json`` next to it, else parsed from the folder name). Each model makes one pass over val
+Models (:func:`find_models`): the exports of the supernet's own weights (``inherited``), the
+fine-tuned and the retrained-from-scratch models, one arch's side by side. Each model makes one pass over val
 and one over test with every exit computed (``ArchStats.from_model``); every protocol fits its
 thresholds on val and reports test. Costs are fvcore MACs at batch 1 from the space's cost
 table; relative costs divide by the plain backbone (all blocks, final head only).
@@ -49,18 +49,33 @@ class ReportResult:
 
 
 def find_models(run: RunDir) -> list[ModelEntry]:
-    """Every ``retrain/<arch id>/<regime>/model.safetensors``, sorted by arch id and regime."""
+    """Every model of the run, one arch's side by side: exports of the supernet's own weights
+    (``export/<arch id>/``, regime ``inherited``), fine-tuned models
+    (``finetune/<arch>/<regime>/``, regime ``finetuned-<regime>``) and models retrained from
+    scratch (``retrain/<arch id>/<regime>/``, regime ``<regime>``)."""
+    import json
+
     out = []
-    for weights in sorted((run.path / "retrain").glob("*/*/model.safetensors")):
-        regime_dir = weights.parent
-        for meta in (regime_dir / "arch.json", regime_dir.parent / "arch.json"):
-            if meta.is_file():
-                arch = Arch.parse(str(meta))
-                break
-        else:
-            arch = Arch.from_id(regime_dir.parent.name)
-        out.append(ModelEntry(arch, regime_dir.name, weights))
-    return out
+    for weights in sorted((run.path / "export").glob("*/weights.safetensors")):
+        try:
+            manifest = json.loads((weights.parent / "arch.json").read_text())
+            inherited = manifest["source"]["weights"] == "supernet"
+            arch = Arch.from_json(manifest["arch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a complete export: `exitnas export` reports it
+        if inherited:
+            out.append(ModelEntry(arch, "inherited", weights))
+    for kind, prefix in (("finetune", "finetuned-"), ("retrain", "")):
+        for weights in sorted((run.path / kind).glob("*/*/model.safetensors")):
+            regime_dir = weights.parent
+            for meta in (regime_dir / "arch.json", regime_dir.parent / "arch.json"):
+                if meta.is_file():
+                    arch = Arch.parse(str(meta))
+                    break
+            else:
+                arch = Arch.from_id(regime_dir.parent.name)
+            out.append(ModelEntry(arch, prefix + regime_dir.name, weights))
+    return sorted(out, key=lambda e: (e.arch.depths, e.arch.exits, e.regime))
 
 
 def load_model(space, entry: ModelEntry):
@@ -191,8 +206,9 @@ def write_report(run: RunDir, *, batch_size: int | None = None) -> ReportResult:
     space = run.space()
     entries = find_models(run)
     if not entries:
-        raise RunDirError(f"{run.path / 'retrain'}: no retrained model found (expected "
-                          "retrain/<arch id>/<regime>/model.safetensors); run `exitnas retrain` first")
+        raise RunDirError(f"{run.path}: no model found (no export of the supernet's weights, "
+                          "no finetune/ or retrain/ model); run `exitnas export`, `exitnas "
+                          "finetune` or `exitnas retrain` first")
     splits = load_splits(space)
     costs = cost_table(space)
     bs = batch_size or space.data.eval_batch_size

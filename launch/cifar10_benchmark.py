@@ -48,7 +48,6 @@ from exitnas.cost import CostTable, cost_table  # noqa: E402
 from exitnas.data import Splits, TensorSet, batches, extract_tarball, load_splits  # noqa: E402
 from exitnas.evaluate import ArchStats, load_or_build_cache  # noqa: E402
 from exitnas.io import atomic_write_json, atomic_write_text  # noqa: E402
-from exitnas.pipeline import spread  # noqa: E402
 from exitnas.report import markdown  # noqa: E402
 from exitnas.retrain import load_retrained, retrain  # noqa: E402
 from exitnas.rundir import RunDir  # noqa: E402
@@ -146,6 +145,18 @@ def record_session(path: Path, load: str) -> list[dict]:
                      "code": git_state(), "load": load})
     atomic_write_json(path, sessions)
     return sessions
+
+
+def spread(front: list[dict], k: int) -> list[dict]:
+    """Up to ``k`` members of a front (sorted by cost) spread evenly over its cost range:
+    always the cheapest and the most accurate, then evenly spaced ranks in between."""
+    rows = sorted(front, key=lambda r: r["expected_macs"])
+    if len(rows) <= k:
+        return rows
+    if k == 1:
+        return [rows[-1]]
+    picks = sorted({round(i * (len(rows) - 1) / (k - 1)) for i in range(k)})
+    return [rows[i] for i in picks]
 
 
 # ---- the SDN baseline ----------------------------------------------------------------------

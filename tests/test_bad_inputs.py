@@ -154,7 +154,7 @@ CASES = [
          "weights.safetensors", prepare=lambda r, t: (r / "supernet" / "weights.safetensors").unlink()),
     Case("not_a_run_dir", lambda r, t: ["search", t / "empty"], "not a run directory",
          prepare=lambda r, t: (t / "empty").mkdir()),
-    Case("report_without_models", lambda r, t: ["report", r], "no retrained model",
+    Case("report_without_models", lambda r, t: ["report", r], "no model found",
          prepare=lambda r, t: shutil.rmtree(r / "retrain")),
     Case("nan_loss", lambda r, t: ["train-supernet", TINY, "--run-dir", r, "--restart", "--set",
                                    "supernet.optim.lr=1e30", "--set", "supernet.epochs=1"],

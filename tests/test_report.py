@@ -93,7 +93,7 @@ def test_report_without_models_fails_in_one_line(tmp_path, tiny_space):
     before = tree_digest(run.path)
     r = run_cli("report", run.path)
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "no retrained model found" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "no model found" in r.stderr
     assert "retrain" in r.stderr and "Traceback" not in r.stderr
     assert tree_digest(run.path) == before
     r = run_cli("report", tmp_path / "nowhere")

@@ -14,7 +14,7 @@ from conftest import ROOT, TEST_DATA, run_cli
 
 TRIALS = 12
 SETS = ["--set", f"search.trials={TRIALS}", "--set", "supernet.epochs=2", "--set",
-        "retrain.epochs=2", "--set", "search.retrain_top=2"]
+        "search.deploy_budgets=[0.6, 0.9]"]
 
 
 def _study(run_dir):
@@ -84,12 +84,14 @@ def test_run_killed_during_the_search_then_resumed(tmp_path):
     after = _complete(_study(run_dir))
     assert len(after) == TRIALS
     assert all(after[k] == v for k, v in at_kill.items())
-    selected = json.loads((run_dir / "selected.json").read_text())["archs"]
-    assert len(selected) in (1, 2)
-    for arch_id in selected:
-        assert (run_dir / "retrain" / arch_id / "mixed" / "model.safetensors").is_file()
-        manifest = json.loads((run_dir / "export" / arch_id / "arch.json").read_text())
-        assert manifest["arch"]["id"] == arch_id
+    picks = json.loads((run_dir / "selected.json").read_text())["picks"]
+    assert [round(p["budget_fraction"], 6) for p in picks] == [0.6, 0.9]
+    for pick in picks:  # exported with the supernet's own weights: what the search scored
+        manifest = json.loads((run_dir / "export" / pick["arch_id"] / "arch.json").read_text())
+        assert manifest["arch"]["id"] == pick["arch_id"]
+        assert manifest["source"]["weights"] == "supernet"
+        assert pick["val_expected_macs"] <= pick["budget_macs"]
+    assert not (run_dir / "retrain").exists()
     assert (run_dir / "report" / "report.md").is_file()
     assert "exitnas dashboard" in done.stdout
 
@@ -98,6 +100,7 @@ def test_run_killed_during_the_search_then_resumed(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "done before" in again.stdout
     assert _complete(_study(run_dir)) == after
+    assert json.loads((run_dir / "selected.json").read_text())["picks"] == picks
 
 
 def test_run_refuses_a_run_dir_of_another_space(tmp_path):

@@ -1,0 +1,94 @@
+"""Deploy by budget: for each ``search.deploy_budgets`` entry, the searched sub-network with
+the best val accuracy at that budget, with the thresholds fitted for it.
+
+    picks = deploy_picks(RunDir("runs/q"))        # one Pick per deploy budget, cheapest first
+    export_run(run, picks[0].arch, weights=run / "supernet/weights.safetensors")
+
+A pick is chosen among the study's complete trials whose fit at that budget is feasible:
+highest val accuracy, then lower expected MACs, then the earlier trial. Its arch carries the
+thresholds fitted for that budget, so exporting it with the supernet's weights (BatchNorm
+re-estimated for its depths) ships exactly what the search scored: the same val accuracy and
+expected MACs (``val_accuracy``, ``val_expected_macs``). With ``search.thresholds: evolved``
+a trial's own thresholds count at every budget its expected MACs fit under.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .arch import Arch
+from .errors import RunDirError
+from .rundir import RunDir
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pick:
+    budget_macs: float
+    budget_fraction: float   # of the plain backbone's MACs
+    arch: Arch               # with the thresholds fitted for this budget
+    trial: int
+    val_accuracy: float
+    val_expected_macs: float
+
+    def to_json(self) -> dict:
+        return {"budget_macs": self.budget_macs, "budget_fraction": self.budget_fraction,
+                "arch_id": self.arch.id, "trial": self.trial, "val_accuracy": self.val_accuracy,
+                "val_expected_macs": self.val_expected_macs}
+
+
+def _fits(trial, budgets: tuple[float, ...]) -> list[dict]:
+    ua = trial.user_attrs
+    if ua.get("fits"):
+        return ua["fits"]
+    arch = Arch.from_json(ua["arch"])  # evolved thresholds: the trial's own at every budget
+    return [{"budget_macs": b, "thresholds": list(arch.thresholds), "accuracy": trial.values[0],
+             "expected_macs": trial.values[1], "feasible": trial.values[1] <= b} for b in budgets]
+
+
+def pick_budgets(trials, budgets: tuple[float, ...], backbone_macs: int) -> list[Pick]:
+    """One :class:`Pick` per budget (MACs, ascending) from complete Optuna trials; a budget no
+    trial meets is a RunDirError."""
+    best: list[tuple | None] = [None] * len(budgets)
+    for t in trials:
+        if "arch_id" not in t.user_attrs or t.values is None:
+            continue
+        for i, f in enumerate(_fits(t, budgets)):
+            if not f["feasible"]:
+                continue
+            key = (f["accuracy"], -f["expected_macs"], -t.number)
+            if best[i] is None or key > best[i][0]:
+                best[i] = (key, t, f)
+    picks = []
+    for b, entry in zip(budgets, best):
+        if entry is None:
+            raise RunDirError(f"no searched architecture meets the deploy budget of {b:,.0f} MACs "
+                              f"({b / backbone_macs:.3f} of the backbone); add trials or raise it")
+        _, t, f = entry
+        arch = Arch.from_json(t.user_attrs["arch"]).with_thresholds(tuple(f["thresholds"]))
+        picks.append(Pick(budget_macs=b, budget_fraction=b / backbone_macs, arch=arch,
+                          trial=t.number, val_accuracy=float(f["accuracy"]),
+                          val_expected_macs=float(f["expected_macs"])))
+    return picks
+
+
+def deploy_picks(run: RunDir) -> list[Pick]:
+    """:func:`pick_budgets` over the run's study (as ``RUN/search/study.json`` records it), at
+    the deploy budgets that study was searched for."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from .search._storage import resolve_study
+
+    if not (run.path / "search" / "study.json").is_file():
+        raise RunDirError(f"{run.path}: no search yet; run `exitnas search {run.path}` first")
+    spec, name = resolve_study(run, storage=None, study_name=None, default_name="")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=spec.open())
+    budget = study.user_attrs.get("exitnas", {}).get("budget", {})
+    if not budget.get("deploy_macs"):
+        raise RunDirError(f"study {name!r} records no deploy budgets (made by an older "
+                          "exitnas); search again in a new run directory")
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return pick_budgets(trials, tuple(budget["deploy_macs"]), int(budget["backbone_macs"]))
+
+
+__all__ = ["Pick", "pick_budgets", "deploy_picks"]
