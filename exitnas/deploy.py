@@ -45,14 +45,17 @@ def _fits(trial, budgets: tuple[float, ...]) -> list[dict]:
 
 
 def pick_budgets(trials, budgets: tuple[float, ...], backbone_macs: int) -> list[Pick]:
-    """One :class:`Pick` per budget (MACs, ascending) from complete Optuna trials; a budget no
-    trial meets is a RunDirError."""
+    """One :class:`Pick` per budget (MACs, ascending) from complete Optuna trials (a trial's
+    fit for a budget is the one recorded for exactly that budget); a budget no trial meets is
+    a RunDirError."""
     best: list[tuple | None] = [None] * len(budgets)
     for t in trials:
         if "arch_id" not in t.user_attrs or t.values is None:
             continue
-        for i, f in enumerate(_fits(t, budgets)):
-            if not f["feasible"]:
+        fits = {f["budget_macs"]: f for f in _fits(t, budgets)}
+        for i, b in enumerate(budgets):
+            f = fits.get(b)
+            if f is None or not f["feasible"]:
                 continue
             key = (f["accuracy"], -f["expected_macs"], -t.number)
             if best[i] is None or key > best[i][0]:
