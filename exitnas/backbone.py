@@ -10,13 +10,12 @@ supernet is grown from (Once-for-All: train the largest network first, then add 
 Its weights file holds only backbone tensors (``stem.*``, ``stages.*``, ``final.*``), named as
 in :class:`~exitnas.supernet.Supernet`, so it loads into a supernet of any exit settings.
 
-Checkpoints are written atomically after every epoch; the data order depends only on
-``(seed, epoch)``, so a killed run resumed from its last checkpoint ends with the weights of an
-uninterrupted one. Runs under ``torchrun`` like the other training steps.
+Training runs in :mod:`exitnas.loop` as one phase that trains the backbone's parameters only
+(the exit heads get no gradient, so DDP waits for none): checkpoints after every epoch, resume
+after kill -9 with the weights of an uninterrupted run, NaN stop, ``torchrun``.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,12 +27,11 @@ from torch import nn
 from ._config import to_dict
 from .data import Splits, load_splits
 from .errors import CheckpointError
-from .io import load_weights, save_checkpoint, save_weights
+from .io import load_weights, save_weights
+from .loop import (Dist, LoopSpec, Phase, accuracy, default_device, open_checkpoint,
+                   per_rank_batch, run_loop)
 from .rundir import RunDir
 from .space import Space
-from .train import (Dist, accuracy, default_device, make_optimizer, make_scheduler,
-                    open_checkpoint, per_rank_batch, rng_state, run_epoch, set_rng_state,
-                    train_batches, wrap_ddp, write_metrics)
 
 BACKBONE_PREFIXES = ("stem.", "stages.", "final.")
 
@@ -129,18 +127,16 @@ def train_backbone(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
     dist = dist or Dist(device=default_device())
     cfg = space.backbone_training
     out = run_dir.path / "backbone"
-    paths = BackboneResult(out / "weights.safetensors", out / "checkpoint.pt",
-                           out / "metrics.csv", cfg.epochs)
     if run_dir.exists() and run_dir.space().fingerprint != space.fingerprint:
         run_dir.init(space)  # raises: another space's run directory, nothing written
     identity = {"kind": "backbone", "space": space.name, "fingerprint": space.fingerprint}
-    state = open_checkpoint(paths.checkpoint, identity=identity,
-                            settings=backbone_settings(space), resume=resume, restart=restart)
-    batch = per_rank_batch(space.data.batch_size, dist)
+    settings = backbone_settings(space)
+    state = open_checkpoint(out / "checkpoint.pt", identity=identity, settings=settings,
+                            resume=resume, restart=restart)
+    per_rank_batch(space.data.batch_size, dist)
     if dist.is_main:
         run_dir.init(space)
     dist.barrier()
-    say = log if (log and dist.is_main) else (lambda _msg: None)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -149,62 +145,31 @@ def train_backbone(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     splits = splits or load_splits(space)
-    model = wrap_ddp(_FinalExitStep(net, label_smoothing=cfg.label_smoothing), dist)
-    _, steps = train_batches(splits, space, seed=cfg.seed, epoch=0, dist=dist, batch_size=batch)
-    for k, p in net.named_parameters():  # exit heads are not part of stage 0 (and DDP
-        p.requires_grad_(k.startswith(BACKBONE_PREFIXES))  # must not wait for their grads)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, epochs=cfg.epochs, steps_per_epoch=steps)
-    start, history = 0, []
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start, history = int(state["epoch"]), list(state["metrics"])
-        if start >= cfg.epochs and paths.weights.is_file():
-            say(f"backbone already trained ({start} epochs): {paths.weights}")
-            return BackboneResult(paths.weights, paths.checkpoint, paths.metrics, cfg.epochs,
-                                  history, start)
-        say(f"resuming backbone training from {paths.checkpoint} (epoch {start}/{cfg.epochs})")
 
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        net.train()
+    def trainable() -> None:  # exit heads are not part of stage 0
+        for k, p in net.named_parameters():
+            p.requires_grad_(k.startswith(BACKBONE_PREFIXES))
 
-        def step(x, y):
-            loss = model(x, y)
-            loss.backward()
-            return loss
+    def evaluate() -> tuple[dict, str]:
+        net.eval()
+        val = accuracy(net, splits.val, splits, depths=space.max_depths,
+                       batch_size=space.data.eval_batch_size, device=dist.device)[-1]
+        return {"val_acc": val}, f"val acc {val:.4f}"
 
-        data, steps = train_batches(splits, space, seed=cfg.seed, epoch=epoch, dist=dist,
-                                    batch_size=batch)
-        lr = optimizer.param_groups[0]["lr"]
-        loss = run_epoch(step, data, steps=steps, optimizer=optimizer, scheduler=scheduler,
-                         dist=dist, where=f"backbone epoch {epoch + 1}/{cfg.epochs}",
-                         channels_last=cfg.channels_last)
-        if dist.is_main:
-            net.eval()
-            val = accuracy(net, splits.val, splits, depths=space.max_depths,
-                           batch_size=space.data.eval_batch_size, device=dist.device)[-1]
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "val_acc": val,
-                   "seconds": time.perf_counter() - t0}
-            history.append(row)
-            save_checkpoint(paths.checkpoint, {
-                "identity": identity, "settings": backbone_settings(space), "epoch": epoch + 1,
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "metrics": history})
-            write_metrics(paths.metrics, history)
-            say(f"backbone epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, val acc {val:.4f} "
-                f"({row['seconds']:.1f} s)")
-        dist.barrier()
-    if dist.is_main:
-        save_weights(paths.weights, backbone_state(net),
+    phase = Phase(epochs=cfg.epochs, optim=cfg.optim, trainable=trainable,
+                  forward=_FinalExitStep(net, label_smoothing=cfg.label_smoothing),
+                  step=lambda forward, x, y, _epoch: forward(x, y))
+    spec = LoopSpec(name="backbone", title="backbone training",
+                    done_text="backbone already trained", identity=identity, settings=settings,
+                    out=out, model=net, phases=(phase,), evaluate=evaluate, seed=cfg.seed,
+                    final=out / "weights.safetensors", channels_last=cfg.channels_last)
+    result = run_loop(spec, state, space=space, splits=splits, dist=dist, log=log)
+    if dist.is_main and not result.finished_before:
+        save_weights(spec.final, backbone_state(net),
                      {"space": space.name, "fingerprint": space.fingerprint, "kind": "backbone"})
     dist.barrier()
-    return BackboneResult(paths.weights, paths.checkpoint, paths.metrics, cfg.epochs, history,
-                          start)
+    return BackboneResult(spec.final, spec.checkpoint, spec.metrics, cfg.epochs, result.history,
+                          result.resumed_from)
 
 
 __all__ = ["train_backbone", "load_backbone", "backbone_state", "backbone_file", "BackboneResult",

@@ -16,13 +16,18 @@ then phase 2 with the early heads freshly re-initialised. Phase 1 takes
 trains for the same total number of epochs. Each phase has its own optimizer and learning-rate
 schedule over its own epochs.
 
-Outputs: ``RUN/retrain/<arch id>/<regime>/{model.safetensors, checkpoint.pt, metrics.csv,
-arch.json}``. A killed run continues from its last epoch; a checkpoint of another arch, regime,
-space or settings is refused.
+This is training from scratch (``exitnas retrain``), or with ``retrain.init_from_supernet``
+from ``arch``'s sub-network of the supernet (BatchNorm re-estimated for its depths, as the
+search scored it). Continuing from the inherited weights without a phase 1 is fine-tuning
+(:mod:`exitnas.finetune`, which reuses the phases defined here).
+
+Training runs in :mod:`exitnas.loop`, one loop phase per regime phase. Outputs:
+``RUN/retrain/<arch id>/<regime>/{model.safetensors, checkpoint.pt, metrics.csv, arch.json}``.
+A killed run continues from its last epoch; a checkpoint of another arch, regime, space or
+settings is refused.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,14 +40,13 @@ from ._config import to_dict
 from .arch import Arch
 from .data import Splits, load_splits
 from .errors import ConfigError, RunDirError
-from .io import atomic_write_json, load_weights, save_checkpoint, save_weights
-from .losses import loss_from_config
+from .io import atomic_write_json, load_weights, save_weights
+from .loop import (Dist, Epoch, LoopSpec, Phase, accuracy, default_device, open_checkpoint,
+                   per_rank_batch, run_loop)
+from .losses import ExitLoss, loss_from_config
 from .model import MultiExitModel
 from .rundir import RunDir
-from .space import Space
-from .train import (Dist, accuracy, default_device, make_optimizer, make_scheduler,
-                    open_checkpoint, per_rank_batch, rng_state, run_epoch, set_rng_state,
-                    train_batches, wrap_ddp, write_metrics)
+from .space import OptimConfig, Space
 
 REGIMES = ("joint", "disjoint", "mixed")
 PHASE_NAMES = {1: "backbone", 2: "joint", 3: "heads"}
@@ -119,19 +123,69 @@ def retrain_settings(space: Space) -> dict:
     return {"retrain": cfg, "data": to_dict(space.data)}
 
 
-def initial_model(run_dir: RunDir, space: Space, arch: Arch) -> MultiExitModel:
+def initial_model(run_dir: RunDir, space: Space, arch: Arch, splits: Splits) -> MultiExitModel:
     """A fresh model (seed ``retrain.seed``) or, with ``retrain.init_from_supernet``, ``arch``
-    extracted from ``RUN/supernet/weights.safetensors``."""
-    from .supernet import Supernet, build_model
+    extracted from ``RUN/supernet/weights.safetensors`` (see :func:`inherited_model`)."""
+    from .supernet import build_model
 
-    with torch.random.fork_rng(devices=[]):
-        if not space.retrain.init_from_supernet:
+    if not space.retrain.init_from_supernet:
+        with torch.random.fork_rng(devices=[]):
             return build_model(space, arch, seed=space.retrain.seed)
-        weights = run_dir.path / "supernet" / "weights.safetensors"
-        if not weights.is_file():
-            raise RunDirError(f"{weights}: not found; train the supernet first "
-                              "(`exitnas train-supernet`) or set retrain.init_from_supernet=false")
-        return Supernet(space).load(weights).extract(arch)
+    return inherited_model(run_dir, space, arch, splits, hint="or set "
+                           "retrain.init_from_supernet=false")
+
+
+def inherited_model(run_dir: RunDir, space: Space, arch: Arch, splits: Splits, *,
+                    hint: str = "") -> MultiExitModel:
+    """``arch``'s sub-network of ``RUN/supernet/weights.safetensors`` with BatchNorm
+    re-estimated for its depths on the calibration batches: the model the search scored
+    (train mode; global RNG untouched)."""
+    from .supernet import Supernet, calibration_batches
+
+    weights = supernet_weights(run_dir, hint=hint)
+    with torch.random.fork_rng(devices=[]):
+        net = Supernet(space).load(weights)
+    return net.extract(arch, calib=calibration_batches(space, splits)).train()
+
+
+def supernet_weights(run_dir: RunDir, *, hint: str = "") -> Path:
+    """``RUN/supernet/weights.safetensors``, or a one-line RunDirError saying how to get it."""
+    weights = run_dir.path / "supernet" / "weights.safetensors"
+    if not weights.is_file():
+        raise RunDirError(f"{weights}: not found; train the supernet first "
+                          f"(`exitnas train-supernet`){' ' + hint if hint else ''}")
+    return weights
+
+
+def regime_phase(model: MultiExitModel, phase: int, *, epochs: int, optim: OptimConfig,
+                 loss: ExitLoss, on_start: Callable[[int], None] | None = None) -> Phase:
+    """Regime phase ``phase`` (1, 2 or 3) of ``model`` as a phase of :mod:`exitnas.loop`:
+    phase 1 learns from the final exit's cross-entropy, phases 2 and 3 from ``loss`` over every
+    exit (``progress`` = the share of all epochs done)."""
+
+    def step(forward: nn.Module, x, y, epoch: Epoch) -> torch.Tensor:
+        logits = forward(x)
+        if phase == 1:
+            return F.cross_entropy(logits[-1], y)
+        return loss(logits, y, progress=epoch.progress)
+
+    return Phase(epochs=epochs, optim=optim, forward=PhaseForward(model, phase), step=step,
+                 trainable=lambda: set_phase(model, phase),
+                 train_mode=lambda: train_mode(model, phase),
+                 on_start=on_start or (lambda _epoch: None), name=f"phase {phase}",
+                 columns={"phase": phase})
+
+
+def exit_accuracy_row(model: MultiExitModel, splits: Splits, space: Space,
+                      device: torch.device) -> tuple[dict, str]:
+    """Val accuracy of every exit of ``model`` (left in eval mode) as metrics-row entries
+    ``val_acc_exit<k>`` / ``val_acc_final``, and the progress text."""
+    model.eval()
+    acc = accuracy(model, splits.val, splits, batch_size=space.data.eval_batch_size,
+                   device=device)
+    row = {f"val_acc_exit{k + 1}": a for k, a in enumerate(acc[:-1])}
+    row["val_acc_final"] = acc[-1]
+    return row, f"val acc per exit {' '.join(f'{a:.3f}' for a in acc)}"
 
 
 @dataclass(frozen=True)
@@ -163,88 +217,43 @@ def retrain(run_dir: RunDir, arch: Arch, *, space: Space, regime: str | None = N
     arch.validate(space)
     plan = phase_plan(regime, cfg.epochs, cfg.phase1_fraction)
     loss_fn = loss_from_config(cfg)
-    batch = per_rank_batch(space.data.batch_size, dist)
+    per_rank_batch(space.data.batch_size, dist)
     out = retrain_dir(run_dir, arch, regime)
-    ckpt, weights_path = out / "checkpoint.pt", out / "model.safetensors"
     identity = {"kind": "retrain", "space": space.name, "fingerprint": space.fingerprint,
                 "arch": arch.id, "regime": regime}
-    state = open_checkpoint(ckpt, identity=identity, settings=retrain_settings(space),
+    settings = retrain_settings(space)
+    state = open_checkpoint(out / "checkpoint.pt", identity=identity, settings=settings,
                             resume=resume, restart=restart)
-    say = log if (log and dist.is_main) else (lambda _msg: None)
-
-    model = initial_model(run_dir, space, arch).to(dist.device)
+    splits = splits or load_splits(space)
+    model = initial_model(run_dir, space, arch, splits).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    splits = splits or load_splits(space)
-    start, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        set_rng_state(state["rng"])
-        start, history = int(state["epoch"]), list(state["metrics"])
-        if start >= len(plan) and weights_path.is_file():
-            say(f"already retrained ({start} epochs): {weights_path}")
-            return RetrainResult(out, model.eval(), arch, regime, plan, history, start)
-        say(f"resuming retraining from {ckpt} (epoch {start}/{len(plan)})")
 
-    phase = optimizer = scheduler = forward = None
-    for epoch in range(start, len(plan)):
-        if plan[epoch] != phase:
-            phase = plan[epoch]
-            first = epoch == 0 or plan[epoch - 1] != phase
-            if first and regime == "mixed" and phase == 2:
+    def on_start(phase: int) -> Callable[[int], None]:
+        def start(epoch: int) -> None:
+            if regime == "mixed" and phase == 2:
                 reinit_heads(model, space, arch, seed=cfg.seed + 1)
-            set_phase(model, phase)
-            forward = wrap_ddp(PhaseForward(model, phase), dist)
-            _, steps = train_batches(splits, space, seed=cfg.seed, epoch=epoch, dist=dist,
-                                     batch_size=batch)
-            optimizer = make_optimizer(model.parameters(), cfg.optim)
-            scheduler = make_scheduler(optimizer, cfg.optim, epochs=plan.count(phase),
-                                       steps_per_epoch=steps)
-            if not first:  # resumed inside a phase: its optimizer state goes on
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-            if first and on_phase_start is not None:
+            if on_phase_start is not None:
                 on_phase_start(phase, epoch, model)
-        t0 = time.perf_counter()
-        train_mode(model, phase)
-        progress = epoch / len(plan)
+        return start
 
-        def step(x, y, forward=forward, phase=phase):
-            logits = forward(x)
-            loss = (F.cross_entropy(logits[-1], y) if phase == 1
-                    else loss_fn(logits, y, progress=progress))
-            loss.backward()
-            return loss
-
-        data, steps = train_batches(splits, space, seed=cfg.seed, epoch=epoch, dist=dist,
-                                    batch_size=batch)
-        lr = optimizer.param_groups[0]["lr"]
-        where = f"{regime} epoch {epoch + 1}/{len(plan)} (phase {phase})"
-        loss = run_epoch(step, data, steps=steps, optimizer=optimizer, scheduler=scheduler,
-                         dist=dist, where=where, channels_last=cfg.channels_last)
-        if dist.is_main:
-            model.eval()
-            acc = accuracy(model, splits.val, splits, batch_size=space.data.eval_batch_size,
-                           device=dist.device)
-            row = {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": loss}
-            row.update({f"val_acc_exit{k + 1}": a for k, a in enumerate(acc[:-1])})
-            row["val_acc_final"] = acc[-1]
-            row["seconds"] = time.perf_counter() - t0
-            history.append(row)
-            save_checkpoint(ckpt, {
-                "identity": identity, "settings": retrain_settings(space), "epoch": epoch + 1,
-                "phase": phase, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "metrics": history})
-            write_metrics(out / "metrics.csv", history)
-            say(f"{where}: loss {loss:.4f}, val acc per exit "
-                f"{' '.join(f'{a:.3f}' for a in acc)} ({row['seconds']:.1f} s)")
-        dist.barrier()
+    phases = tuple(regime_phase(model, p, epochs=plan.count(p), optim=cfg.optim, loss=loss_fn,
+                                on_start=on_start(p)) for p in dict.fromkeys(plan))
+    spec = LoopSpec(name=regime, title="retraining", done_text="already retrained",
+                    identity=identity, settings=settings, out=out, model=model, phases=phases,
+                    evaluate=lambda: exit_accuracy_row(model, splits, space, dist.device),
+                    seed=cfg.seed, final=out / "model.safetensors",
+                    channels_last=cfg.channels_last)
+    result = run_loop(spec, state, space=space, splits=splits, dist=dist, log=log)
+    history = result.history
+    if result.finished_before:
+        return RetrainResult(out, model.eval(), arch, regime, plan, history, result.resumed_from)
     set_phase(model, 2)  # leave every parameter trainable for whoever uses the model next
     model.eval()
     if dist.is_main:
         meta = {"space": space.name, "fingerprint": space.fingerprint, "arch": arch.id,
                 "regime": regime}
-        save_weights(weights_path, model.state_dict(), meta)
+        save_weights(spec.final, model.state_dict(), meta)
         last = history[-1] if history else {}
         atomic_write_json(out / "arch.json", {
             "arch": arch.to_json(), "space": space.name, "fingerprint": space.fingerprint,
@@ -254,7 +263,7 @@ def retrain(run_dir: RunDir, arch: Arch, *, space: Space, regime: str | None = N
             "val_accuracy": [last.get(f"val_acc_exit{k + 1}") for k in range(len(arch.exits))]
             + [last.get("val_acc_final")]})
     dist.barrier()
-    return RetrainResult(out, model, arch, regime, plan, history, start)
+    return RetrainResult(out, model, arch, regime, plan, history, result.resumed_from)
 
 
 def load_retrained(run_dir: RunDir, arch: Arch, regime: str, space: Space) -> MultiExitModel:
@@ -275,4 +284,6 @@ def load_retrained(run_dir: RunDir, arch: Arch, regime: str, space: Space) -> Mu
 
 
 __all__ = ["REGIMES", "phase_plan", "retrain", "RetrainResult", "retrain_dir", "set_phase",
-           "train_mode", "reinit_heads", "backbone_modules", "load_retrained", "PhaseForward"]
+           "train_mode", "reinit_heads", "backbone_modules", "load_retrained", "PhaseForward",
+           "initial_model", "inherited_model", "supernet_weights", "regime_phase",
+           "exit_accuracy_row"]

@@ -16,7 +16,7 @@ from exitnas.errors import CheckpointError, ConfigError, RunDirError
 from exitnas.retrain import (REGIMES, backbone_modules, load_retrained, phase_plan, retrain,
                              retrain_dir)
 from exitnas.rundir import RunDir
-from exitnas.supernet import Supernet, build_model
+from exitnas.supernet import Supernet, build_model, calibration_batches
 from exitnas.train import read_metrics
 
 ARCH = "d2.2~s0b1=conv,s1b0=linear~max_softmax=0.9,0.9"  # the conv head has BatchNorm
@@ -110,7 +110,8 @@ def test_mixed_reinitialises_the_heads_at_phase2(run, tiny_splits, tmp_path):
 
     retrain(run, arch, space=space, regime="mixed", splits=tiny_splits, log=None,
             on_phase_start=on_phase)
-    supernet = Supernet(space).load(run.path / "supernet" / "weights.safetensors").extract(arch)
+    supernet = Supernet(space).load(run.path / "supernet" / "weights.safetensors").extract(
+        arch, calib=calibration_batches(space, tiny_splits))  # the model the search scored
     fresh = build_model(space, arch, seed=space.retrain.seed + 1)
     heads = [k for k in seen[2] if k.startswith("heads.") and not k.startswith("heads.2.")]
     assert heads

@@ -116,7 +116,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_space,
         snapshot["bytes"] = path.read_bytes()
 
     monkeypatch.setattr(SandwichStep, "forward", poisoned)
-    monkeypatch.setattr("exitnas.train.save_checkpoint", save_and_snapshot)
+    monkeypatch.setattr("exitnas.loop.save_checkpoint", save_and_snapshot)
     with pytest.raises(TrainingError, match=r"epoch 2/3, step 2: loss is nan.*last good checkpoint"):
         train_supernet(rd, space, log=None)
     ckpt = rd.path / "supernet" / "checkpoint.pt"
