@@ -1,0 +1,49 @@
+"""``exitnas finetune RUN --arch ID --regime R --epochs N``: continue a searched arch from its
+inherited supernet weights, then re-fit its thresholds (see :mod:`exitnas.finetune`). Resumes
+like ``retrain``: rerunning continues from the last checkpoint, or does nothing when done."""
+from __future__ import annotations
+
+from . import add_set_argument, command, parse_sets
+
+
+@command("finetune", help="fine-tune an arch from its inherited supernet weights and re-fit "
+                          "its thresholds for the same expected MACs")
+class Finetune:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("run_dir", help="run directory with a trained supernet")
+        p.add_argument("--arch", required=True, help="arch id, JSON, or JSON file (e.g. a "
+                                                     "search's front member)")
+        p.add_argument("--regime", choices=("mixed", "disjoint"), default="mixed",
+                       help="mixed: backbone and heads train (default); disjoint: heads only, "
+                            "the backbone frozen (BatchNorm in eval mode)")
+        p.add_argument("--epochs", type=int, required=True, help="fine-tuning epochs")
+        add_set_argument(p)
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--resume", action="store_true",
+                       help="continue from the last checkpoint; error if there is none")
+        g.add_argument("--restart", action="store_true",
+                       help="ignore any checkpoint and fine-tune from the inherited weights")
+
+    @staticmethod
+    def run(args):
+        from ..arch import Arch
+        from ..finetune import finetune
+        from ..rundir import RunDir
+        from ..train import distributed
+
+        run_dir = RunDir(args.run_dir)
+        space = run_dir.space(parse_sets(args.set))
+        arch = Arch.parse(args.arch)
+        with distributed() as dist:
+            result = finetune(run_dir, arch, space=space, regime=args.regime,
+                              epochs=args.epochs, dist=dist, resume=args.resume,
+                              restart=args.restart)
+            if dist.is_main:
+                val, inh = result.manifest["val"], result.manifest["inherited"]
+                print(f"fine-tuned ({result.regime}, {args.epochs} epochs): {result.arch.id}\n"
+                      f"val acc {val['accuracy']:.4f} at {val['expected_macs']:,.0f} MACs "
+                      f"(inherited {inh['accuracy']:.4f} at {inh['expected_macs']:,.0f})\n"
+                      f"outputs: {result.out}/{{model.safetensors,arch.json,metrics.csv}}\n"
+                      f"next: exitnas export {args.run_dir} --arch {result.out}/arch.json "
+                      f"--weights {result.out}/model.safetensors")

@@ -1,0 +1,207 @@
+"""Fine-tune a searched architecture from its inherited weights, then re-fit its thresholds.
+
+    result = finetune(RunDir("runs/q"), Arch.parse(ID), space=space, regime="mixed", epochs=5)
+
+The start is the model the search scored: ``arch``'s sub-network of the trained supernet,
+BatchNorm re-estimated for its depths (``Supernet.extract(arch, calib=calibration_batches(...))``,
+:func:`~exitnas.retrain.inherited_model`). Then one phase of the regimes of
+:mod:`exitnas.retrain` for ``epochs`` epochs:
+
+- ``mixed``: phase 2, backbone and every exit head train; the inherited heads are kept (the
+  regime's re-initialisation belongs to training from scratch, where phase 1 ran without them);
+- ``disjoint``: phase 3, the exit heads only; the backbone gets no gradient and its BatchNorm
+  layers stay in eval mode, so its tensors and BN buffers stay bit-identical.
+
+``joint`` starts from scratch: that is ``exitnas retrain``. The loss, optimizer, seed and
+channels_last are ``retrain``'s settings (``retrain.loss``, ``retrain.optim``, ...); weights
+that are already trained usually want a lower learning rate than training from scratch
+(``--set retrain.optim.lr=0.01``).
+
+**Thresholds.** After training, the exit thresholds are fitted on val
+(:func:`~exitnas.thresholds.fit_thresholds`) for the cost the inherited model has: the budget
+is the inherited model's expected MACs on val with ``arch``'s own thresholds. So the fine-tuned
+model keeps the cost target the search scored ``arch`` at (a searched arch's thresholds were
+fitted for the search budget, and its expected MACs are at most that) and is compared with the
+inherited one at equal cost. Statistics for fitting are computed on the CPU, as the export and
+its runtime compute them. A policy whose thresholds are not fitted (``patience``) keeps
+``arch``'s parameters.
+
+Outputs: ``RUN/finetune/<structure id>/<regime>/{model.safetensors, arch.json, metrics.csv,
+checkpoint.pt}``; the structure id is the arch id without its thresholds
+(``d2.2~s0b1=conv~max_softmax``), since the trained weights do not depend on them. arch.json
+holds the fitted arch (``exitnas export RUN --arch arch.json --weights model.safetensors``), its
+val accuracy and expected MACs, and the inherited model's. A killed run resumes from its last
+epoch with the weights of an uninterrupted one; a checkpoint of another structure, regime,
+space, supernet or settings is refused. Rerunning a finished run writes nothing, except that an
+arch of the same structure with other thresholds (another budget) re-fits arch.json.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ._config import to_dict
+from .arch import Arch
+from .data import Splits, batches, load_splits
+from .errors import ConfigError
+from .evaluate import ArchStats
+from .io import atomic_write_json, save_weights
+from .loop import Dist, LoopSpec, default_device, open_checkpoint, per_rank_batch, run_loop
+from .losses import loss_from_config
+from .model import MultiExitModel
+from .retrain import (exit_accuracy_row, inherited_model, regime_phase, set_phase,
+                      supernet_weights)
+from .rundir import RunDir
+from .space import Space
+
+FINETUNE_PHASES = {"mixed": 2, "disjoint": 3}  # regime -> the phase that continues it
+
+
+def structure_id(arch: Arch) -> str:
+    """``arch``'s id without its thresholds: depths, exits and policy."""
+    return arch.id.rsplit("=", 1)[0]
+
+
+def finetune_dir(run_dir: RunDir, arch: Arch, regime: str) -> Path:
+    return run_dir.path / "finetune" / structure_id(arch) / regime
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    out: Path
+    model: MultiExitModel  # eval mode, on the CPU
+    arch: Arch             # with the fitted thresholds
+    regime: str
+    manifest: dict         # what arch.json holds
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def finetune_settings(space: Space, epochs: int, supernet: Path) -> dict:
+    """What shapes a fine-tuning run; a checkpoint made with other values is not resumed."""
+    from .backbone import file_sha256
+
+    cfg = to_dict(space.retrain)
+    keep = ("loss", "loss_temperature", "loss_weight", "optim", "seed", "channels_last")
+    return {"finetune": {"epochs": epochs, **{k: cfg[k] for k in keep}},
+            "data": to_dict(space.data), "supernet_sha256": file_sha256(supernet),
+            "bn_calib": {"batches": space.supernet.bn_calib_batches,
+                         "seed": space.supernet.seed}}
+
+
+def val_stats(model: MultiExitModel, arch: Arch, space: Space, splits: Splits) -> ArchStats:
+    """``model``'s exit statistics on val (CPU, ``data.eval_batch_size``) with ``arch``'s
+    costs."""
+    from .cost import cost_table
+
+    costs = cost_table(space)
+    data = batches(splits.val, batch_size=space.data.eval_batch_size, mean=splits.mean,
+                   std=splits.std)
+    return ArchStats.from_model(model, data, exit_macs=costs.exit_costs(arch),
+                                backbone_macs=costs.backbone())
+
+
+def fit_arch(stats: ArchStats, arch: Arch, space: Space, budget_macs: float) -> tuple[Arch, dict]:
+    """``arch`` with thresholds fitted on ``stats`` for ``budget_macs`` (policies without
+    fitting keep theirs), and what they score."""
+    from .policy import get_policy
+    from .thresholds import fit_thresholds
+
+    span = get_policy(arch.policy).param_range(space.policy)
+    try:
+        fit = fit_thresholds(stats, budget_macs=budget_macs, policy=arch.policy,
+                             value_range=span)
+    except ValueError:  # fit_thresholds does not fit this policy's parameters
+        s = stats.score(arch.policy, arch.thresholds)
+        return arch, {"fitted": False, "accuracy": s.accuracy, "expected_macs": s.expected_macs}
+    return arch.with_thresholds(fit.thresholds), {
+        "fitted": True, "start": fit.start, "feasible": fit.feasible, "accuracy": fit.accuracy,
+        "expected_macs": fit.expected_macs}
+
+
+def _check(arch: Arch, space: Space, regime: str, epochs: int) -> None:
+    arch.validate(space)
+    if regime not in FINETUNE_PHASES:
+        raise ConfigError(f"regime {regime!r} does not fine-tune (known: "
+                          f"{', '.join(FINETUNE_PHASES)}); joint trains from scratch: "
+                          "`exitnas retrain`", file="--regime")
+    if not 1 <= epochs <= 100_000:
+        raise ConfigError(f"{epochs} is not in 1..100000", file="--epochs")
+
+
+def finetune(run_dir: RunDir, arch: Arch, *, space: Space, regime: str, epochs: int,
+             dist: Dist | None = None, resume: bool = False, restart: bool = False,
+             splits: Splits | None = None, log: Callable[[str], None] | None = print
+             ) -> FinetuneResult:
+    """Fine-tune ``arch`` from the supernet's weights with ``regime`` (``mixed`` or
+    ``disjoint``) for ``epochs`` epochs, then fit its thresholds (module docs)."""
+    dist = dist or Dist(device=default_device())
+    _check(arch, space, regime, epochs)
+    cfg = space.retrain
+    per_rank_batch(space.data.batch_size, dist)
+    weights = supernet_weights(run_dir)
+    out = finetune_dir(run_dir, arch, regime)
+    identity = {"kind": "finetune", "space": space.name, "fingerprint": space.fingerprint,
+                "arch": structure_id(arch), "regime": regime}
+    settings = finetune_settings(space, epochs, weights)
+    state = open_checkpoint(out / "checkpoint.pt", identity=identity, settings=settings,
+                            resume=resume, restart=restart)
+    splits = splits or load_splits(space)
+    model = inherited_model(run_dir, space, arch, splits)
+    s = val_stats(model, arch, space, splits).score(arch.policy, arch.thresholds)
+    before = {"arch": arch.id, "accuracy": s.accuracy, "expected_macs": s.expected_macs}
+    model.to(dist.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    phase = regime_phase(model, FINETUNE_PHASES[regime], epochs=epochs, optim=cfg.optim,
+                         loss=loss_from_config(cfg))
+    spec = LoopSpec(name=f"finetune {regime}", title="fine-tuning",
+                    done_text="already fine-tuned", identity=identity, settings=settings,
+                    out=out, model=model, phases=(phase,),
+                    evaluate=lambda: exit_accuracy_row(model, splits, space, dist.device),
+                    seed=cfg.seed, final=out / "model.safetensors",
+                    channels_last=cfg.channels_last)
+    result = run_loop(spec, state, space=space, splits=splits, dist=dist, log=log)
+    set_phase(model, 2)  # every parameter trainable again for whoever uses the model next
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    manifest = _manifest_if_same(out, arch) if result.finished_before else None
+    if manifest is None:
+        fitted, after = fit_arch(val_stats(model, arch, space, splits), arch, space,
+                                 before["expected_macs"])
+        manifest = {"arch": fitted.to_json(), "space": space.name,
+                    "fingerprint": space.fingerprint, "regime": regime, "epochs": epochs,
+                    "loss": cfg.loss, "exit_names": model.exit_names,
+                    "budget_macs": before["expected_macs"], "val": after, "inherited": before}
+        if dist.is_main:
+            _write(out, model, manifest, weights=not result.finished_before)
+            if result.finished_before and log:
+                log(f"thresholds re-fitted for the expected MACs of {arch.id}: {out}/arch.json")
+    dist.barrier()
+    return FinetuneResult(out, model, Arch.from_json(manifest["arch"]), regime, manifest,
+                          result.history, result.resumed_from)
+
+
+def _write(out: Path, model: MultiExitModel, manifest: dict, *, weights: bool) -> None:
+    if weights:
+        save_weights(out / "model.safetensors", model.state_dict(), {
+            "space": manifest["space"], "fingerprint": manifest["fingerprint"],
+            "arch": manifest["arch"]["id"], "regime": manifest["regime"], "kind": "finetune"})
+    atomic_write_json(out / "arch.json", manifest)
+
+
+def _manifest_if_same(out: Path, arch: Arch) -> dict | None:
+    """The arch.json of a finished run when it was fitted for ``arch`` (same budget)."""
+    try:
+        manifest = json.loads((out / "arch.json").read_text())
+    except (OSError, ValueError):
+        return None
+    inherited = manifest.get("inherited") if isinstance(manifest, dict) else None
+    return manifest if isinstance(inherited, dict) and inherited.get("arch") == arch.id else None
+
+
+__all__ = ["finetune", "FinetuneResult", "finetune_dir", "structure_id", "fit_arch",
+           "val_stats", "FINETUNE_PHASES"]
