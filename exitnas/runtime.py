@@ -163,7 +163,7 @@ _WORD = r"[A-Za-z0-9_.]*"  # every string and key of the JSON members, but for t
 _TARGET = r"torch\.ops\.aten\.[a-z_][a-z0-9_]*\.[A-Za-z0-9_]+|_operator\.getitem"
 _NO_TARGET = {"torch.ops.aten.from_file.default"}  # the one aten op that reads a file
 _SPEC_TYPES = {None, "builtins.tuple", "builtins.list", "builtins.dict"}
-_SYMPY = {"Symbol", "Integer", "Add", "Mul", "Pow", "Max", "Min", "Mod", "FloorDiv",
+_SYMPY = {"Symbol", "Integer", "Add", "Mul", "Max", "Min", "Mod", "FloorDiv",
           "PythonMod", "CleanDiv", "CeilDiv", "CeilToInt", "FloorToInt", "Eq", "Ne", "Lt", "Le",
           "Gt", "Ge", "And", "Or", "Not"}
 _SYMBOL_FLAGS = {"positive", "integer", "nonnegative", "negative", "real", "finite"}
@@ -182,15 +182,16 @@ def _pt2_word(text, where: str, pattern: str = _WORD) -> None:
 
 def _pt2_expr(text, where: str) -> None:
     """A symbolic-shape expression torch would sympify (eval): calls of sympy constructors on
-    integers, booleans and symbol names only."""
+    64-bit integers, booleans and symbol names only."""
     import ast
 
     def plain(node) -> bool:
         if isinstance(node, ast.Constant):
-            return type(node.value) in (int, bool) or (
-                isinstance(node.value, str) and node.value.isidentifier())
+            return type(node.value) is bool or (type(node.value) is int and abs(node.value) < 2**63) \
+                or (isinstance(node.value, str) and node.value.isidentifier())
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return isinstance(node.operand, ast.Constant) and type(node.operand.value) is int
+            return isinstance(node.operand, ast.Constant) and type(node.operand.value) is int \
+                and node.operand.value < 2**63
         return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                 and node.func.id in _SYMPY and all(plain(a) for a in node.args)
                 and all(k.arg in _SYMBOL_FLAGS and isinstance(k.value, ast.Constant)
