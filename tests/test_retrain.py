@@ -238,3 +238,18 @@ def test_bad_retrain_inputs_change_nothing(run, tiny_splits):
     with pytest.raises(RunDirError, match="not a run directory"):
         RunDir(run.path.parent / "missing").space()
     assert tree_digest(run.path) == before
+
+
+def test_cli_from_scratch_needs_no_supernet_even_when_the_config_inherits(tmp_path, tiny_space):
+    rd = RunDir(tmp_path / "run")
+    rd.init(tiny_space.with_overrides({"retrain.init_from_supernet": True}))
+    args = ["retrain", rd.path, "--arch", ARCH, "--regime", "joint", "--epochs", "1"]
+    r = run_cli(*args)  # the config inherits, and there is no supernet
+    assert r.returncode == 2 and "supernet/weights.safetensors: not found" in r.stderr, r.stderr
+    r = run_cli(*args, "--from-scratch", "--set", "retrain.init_from_supernet=true")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--from-scratch: contradicts" in lines[0]
+    r = run_cli(*args, "--from-scratch")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((retrain_dir(rd, Arch.parse(ARCH), "joint") / "arch.json").read_text())
+    assert meta["init_from_supernet"] is False

@@ -49,7 +49,8 @@ class TrainSupernet:
                       "--arch ID --regime mixed)")
 
 
-@command("retrain", help="retrain an arch as a standalone model with a training regime")
+@command("retrain", help="retrain an arch from scratch as a standalone model with a training "
+                         "regime (to continue from its searched weights: exitnas finetune)")
 class Retrain:
     @staticmethod
     def add_arguments(p):
@@ -60,6 +61,10 @@ class Retrain:
                        help="training regime (default: retrain.regime of the run's config)")
         p.add_argument("--loss", help="exit loss from the registry (default: retrain.loss)")
         p.add_argument("--epochs", type=int, help="total epochs, split across phases")
+        p.add_argument("--from-scratch", action="store_true",
+                       help="freshly initialised weights (the default, unless the config sets "
+                            "retrain.init_from_supernet); `exitnas finetune` continues from the "
+                            "supernet's weights instead")
         add_set_argument(p)
         _resume_flags(p)
 
@@ -82,6 +87,11 @@ class Retrain:
             if args.epochs < 1:
                 raise ConfigError(f"{args.epochs} is not >= 1", file="--epochs")
             overrides["retrain.epochs"] = args.epochs
+        if args.from_scratch:
+            if overrides.get("retrain.init_from_supernet", False) is not False:
+                raise ConfigError("contradicts --set retrain.init_from_supernet",
+                                  file="--from-scratch")
+            overrides["retrain.init_from_supernet"] = False
         run_dir = RunDir(args.run_dir)
         space = run_dir.space(overrides)
         arch = Arch.parse(args.arch)
