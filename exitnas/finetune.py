@@ -133,13 +133,15 @@ def _check(arch: Arch, space: Space, regime: str, epochs: int) -> None:
         raise ConfigError(f"{epochs} is not in 1..100000", file="--epochs")
 
 
-def finetune(run_dir: RunDir, arch: Arch, *, space: Space, regime: str, epochs: int,
-             dist: Dist | None = None, resume: bool = False, restart: bool = False,
-             splits: Splits | None = None, log: Callable[[str], None] | None = print
-             ) -> FinetuneResult:
+def finetune(run_dir: RunDir, arch: Arch, *, space: Space, regime: str,
+             epochs: int | None = None, dist: Dist | None = None, resume: bool = False,
+             restart: bool = False, splits: Splits | None = None,
+             log: Callable[[str], None] | None = print) -> FinetuneResult:
     """Fine-tune ``arch`` from the supernet's weights with ``regime`` (``mixed`` or
-    ``disjoint``) for ``epochs`` epochs, then fit its thresholds (module docs)."""
+    ``disjoint``) for ``epochs`` epochs (default ``retrain.epochs``), then fit its thresholds
+    (module docs)."""
     dist = dist or Dist(device=default_device())
+    epochs = space.retrain.epochs if epochs is None else epochs
     _check(arch, space, regime, epochs)
     cfg = space.retrain
     per_rank_batch(space.data.batch_size, dist)

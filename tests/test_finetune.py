@@ -228,7 +228,8 @@ def test_bad_inputs_are_one_clear_error_and_change_nothing(run, tmp_path):
 
 def test_checkpoint_of_another_regime_or_structure_is_refused_with_one_line(run):
     rd, space, splits = run
-    r = run_cli("finetune", rd.path, "--arch", ARCH, "--regime", "mixed", "--epochs", "2")
+    assert space.retrain.epochs == 2
+    r = run_cli("finetune", rd.path, "--arch", ARCH)  # mixed, retrain.epochs: the defaults
     assert r.returncode == 0, r.stderr
     assert "fine-tuned (mixed, 2 epochs)" in r.stdout and "next: exitnas export" in r.stdout
     src = rd.path / "finetune" / STRUCTURE / "mixed" / "checkpoint.pt"

@@ -17,7 +17,8 @@ class Finetune:
         p.add_argument("--regime", choices=("mixed", "disjoint"), default="mixed",
                        help="mixed: backbone and heads train (default); disjoint: heads only, "
                             "the backbone frozen (BatchNorm in eval mode)")
-        p.add_argument("--epochs", type=int, required=True, help="fine-tuning epochs")
+        p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: retrain.epochs "
+                                                  "of the run's config)")
         add_set_argument(p)
         g = p.add_mutually_exclusive_group()
         g.add_argument("--resume", action="store_true",
@@ -41,7 +42,8 @@ class Finetune:
                               restart=args.restart)
             if dist.is_main:
                 val, inh = result.manifest["val"], result.manifest["inherited"]
-                print(f"fine-tuned ({result.regime}, {args.epochs} epochs): {result.arch.id}\n"
+                print(f"fine-tuned ({result.regime}, {result.manifest['epochs']} epochs): "
+                      f"{result.arch.id}\n"
                       f"val acc {val['accuracy']:.4f} at {val['expected_macs']:,.0f} MACs "
                       f"(inherited {inh['accuracy']:.4f} at {inh['expected_macs']:,.0f})\n"
                       f"outputs: {result.out}/{{model.safetensors,arch.json,metrics.csv}}\n"
