@@ -188,12 +188,7 @@ def resolve_study(run_dir, *, storage: str | None, study_name: str | None,
     """The storage and study name of ``run_dir``: from the arguments, ``$EXITNAS_STORAGE``, or
     what ``RUN/search/study.json`` recorded (the study searched last, see :func:`record_study`)."""
     record_path = Path(run_dir.path) / "search" / "study.json"
-    record = {}
-    if record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise RunDirError(f"{record_path}: unreadable; delete it to start a new study") from None
+    record = read_record(record_path) if record_path.is_file() else {}
     given = storage or os.environ.get(ENV_STORAGE)
     recorded = record.get("storage")  # None = the default journal in the run directory
     if given:
@@ -206,6 +201,24 @@ def resolve_study(run_dir, *, storage: str | None, study_name: str | None,
     else:
         spec = parse_storage(recorded)
     return spec, study_name or record.get("study_name") or default_name
+
+
+def read_record(path: Path) -> dict:
+    """``RUN/search/study.json``: a JSON object with ``storage`` and ``study_name``, each a
+    string or null (checked by allowlist; anything else is refused in one line)."""
+    unreadable = RunDirError(f"{path}: unreadable or not a study record; delete it to start a "
+                             "new study")
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise unreadable from None
+    if not isinstance(record, dict) or not set(record) <= {"storage", "study_name"}:
+        raise unreadable
+    for value in record.values():
+        if value is not None and not (isinstance(value, str) and value.isprintable()
+                                      and 0 < len(value) <= 4096):
+            raise unreadable
+    return record
 
 
 def record_study(run_dir, spec: StorageSpec, name: str) -> None:
