@@ -3,6 +3,7 @@ naming what is wrong, no traceback, and leaves every file already in the run dir
 byte-for-byte unchanged."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -161,7 +162,61 @@ CASES = [
          "loss is nan", keep_config=False),
     Case("retrain_epochs_zero", lambda r, t: ["retrain", r, "--arch", ARCH, "--epochs", "0"],
          "--epochs"),
+    # issue 12.2: each of these printed a traceback (or changed a file) before
+    Case("space_not_utf8", lambda r, t: ["space", "check", _bytes(t, b"name: caf\xe9\n")],
+         "not UTF-8 text (byte 0xe9 at line 1"),
+    Case("space_duplicate_key", lambda r, t: ["space", "check", _space(
+        t, TINY_TEXT + "num_classes: 7\n")], "duplicate key 'num_classes'"),
+    Case("space_deep_nesting", lambda r, t: ["space", "check", _space(
+        t, "name: " + "[" * 5000 + "]" * 5000 + "\n")], "nested more than 32 levels"),
+    Case("space_nan", lambda r, t: ["space", "check", _space(t, TINY_TEXT.replace(
+        "lr: 0.05", "lr: .nan", 1))], "supernet.optim.lr: expected a finite number, got nan"),
+    Case("space_long_int", lambda r, t: ["space", "check", _space(t, TINY_TEXT.replace(
+        "num_classes: 4", "num_classes: " + "9" * 5000))], "too long"),
+    Case("space_huge_depth", lambda r, t: ["space", "check", _space(t, TINY_TEXT.replace(
+        "depths: [1, 2]}", "depths: [1, 2147483648]}", 1))], "2147483648 is not <= 512"),
+    Case("set_nested_too_deep", lambda r, t: ["retrain", r, "--arch", ARCH, "--set",
+                                              "supernet.epochs=" + "[" * 200 + "]" * 200],
+         "--set: supernet.epochs: YAML syntax error"),
+    Case("arch_double_dot", lambda r, t: ["cost", TINY, "--arch",
+                                          "d1..2~s0b0=linear~max_softmax=0.5"],
+         "depths 'd1..2' are not"),
+    Case("arch_value_two_dots", lambda r, t: ["retrain", r, "--arch",
+                                              "d1.2~s0b0=linear~max_softmax=0.5.5"],
+         "value '0.5.5' is not a number"),
+    Case("arch_json_nan", lambda r, t: ["export", r, "--arch", '{"depths": [2, 2], "exits": [],'
+                                        ' "thresholds": [NaN]}', "--out", t / "x"],
+         "NaN is not a number JSON allows"),
+    Case("budget_overflows", lambda r, t: ["search", r, "--budget", "1e999"],
+         "not a finite number of MACs"),
+    Case("budget_of_another_study", lambda r, t: ["search", r, "--budget", "0.5"],
+         "was run with another budget"),
+    Case("journal_garbled", lambda r, t: ["search", r], "not a readable Optuna journal",
+         prepare=lambda r, t: _garble_line(r / "search" / "study.log", 1)),
+    Case("study_record_not_utf8", lambda r, t: ["search", r], "not a study record",
+         prepare=lambda r, t: (r / "search" / "study.json").write_bytes(b"\x80{}")),
+    Case("search_bad_weights_no_journal", lambda r, t: ["search", r], "not a valid safetensors",
+         prepare=lambda r, t: [(r / "search" / "study.log").unlink(),
+                               (r / "supernet" / "weights.safetensors").write_bytes(b"")] and None),
+    Case("dashboard_without_journal", lambda r, t: ["dashboard", r, "--port", "0"],
+         "journal is missing", prepare=lambda r, t: (r / "search" / "study.log").unlink()),
+    Case("dashboard_port_range", lambda r, t: ["dashboard", r, "--port", "70000"],
+         "not a TCP port"),
+    Case("predict_batch_zero", lambda r, t: ["predict", r / "export" / "good", TINY,
+                                             "--batch-size", "0"], "--batch-size 0"),
 ]
+
+
+def _bytes(tmp: Path, data: bytes) -> str:
+    path = tmp / "space.yaml"
+    path.write_bytes(data)
+    return str(path)
+
+
+def _garble_line(path: Path, index: int) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[index] = lines[index][:10] + b"\x00garbage" + lines[index][10:]
+    path.write_bytes(b"".join(lines))
 
 
 def _edit_manifest(folder: Path) -> None:
@@ -184,7 +239,7 @@ def _remove_first_pt2(folder: Path) -> None:
 
 
 def test_corpus_size():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 50
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -214,3 +269,26 @@ def test_bad_input_in_a_subprocess_prints_no_traceback(trained_run, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+
+
+def test_search_continues_after_a_torn_journal_record(trained_run, tmp_path):
+    """A writer killed mid-append leaves a last line without its newline (replay ignores it).
+    The next search cuts it before appending: the record it appended used to fuse with the
+    torn line into one that does not parse, after which every replay failed."""
+    import optuna
+
+    from exitnas.search._storage import StorageSpec
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    log = run / "search" / "study.log"
+    whole = log.read_bytes()
+    log.write_bytes(whole + b'{"op_code": 4, "worker_id": "killed", "study_id": 0, "da')
+    proc = run_cli("search", run, "--trials", "5")
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_bytes()
+    assert text.startswith(whole) and b"killed" not in text and text.endswith(b"\n")
+    storage = StorageSpec(journal=str(log)).open()
+    study = optuna.load_study(storage=storage, study_name=json.loads(
+        (run / "search" / "study.json").read_text())["study_name"])
+    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 5
