@@ -260,3 +260,17 @@ def test_kill_9_mid_epoch_then_rerun_gives_identical_weights(trained, tmp_path):
     assert killed_at in range(1, 4)
     assert _weights_equal(a / "model.safetensors", b / "model.safetensors")
     assert json.loads((a / "arch.json").read_text()) == json.loads((b / "arch.json").read_text())
+
+
+def test_a_policy_without_fitted_thresholds_keeps_its_parameter(run):
+    rd, space, splits = run
+    arch = Arch.parse("d2.2~s0b1=conv,s1b0=linear~patience=2")
+    result = finetune(rd, arch, space=space, regime="disjoint", epochs=1, splits=splits,
+                      log=None)
+    assert result.arch == arch and result.manifest["val"]["fitted"] is False
+    model = build_model(space, arch)
+    model.load_state_dict(load_weights(result.out / "model.safetensors"))
+    acc, macs = _predict(model, arch, space, splits)
+    assert (acc, macs) == (result.manifest["val"]["accuracy"],
+                           result.manifest["val"]["expected_macs"])
+    assert result.out == rd.path / "finetune" / "d2.2~s0b1=conv,s1b0=linear~patience" / "disjoint"
