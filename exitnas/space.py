@@ -153,7 +153,7 @@ class SupernetConfig:
     seed: int = field(0, ge=0, le=SEED_MAX, doc="training seed")
     channels_last: bool = field(False, doc="channels_last memory format (faster on CPU)")
     init: Literal["backbone", "scratch"] = field(
-        "scratch", doc="backbone: grow the supernet from the trained backbone (backbone.weights, "
+        "backbone", doc="backbone: grow the supernet from the trained backbone (backbone.weights, "
                         "else RUN/backbone/); scratch: random initial weights")
     heads: Literal["detached", "sampled"] = field(
         "detached", doc="detached: every candidate head learns on detached features; sampled: "
@@ -176,7 +176,6 @@ class SearchConfig:
     backend: Literal["optuna", "ray"] = field("optuna", doc="in-process Optuna or Ray Tune")
     storage: str | None = field(None, doc="SQLAlchemy URL or journal path (default: run dir)")
     workers: int = field(2, ge=1, le=2**16, doc="concurrent Ray trials")
-    retrain_top: int = field(3, ge=1, le=10**6, doc="front members retrained by `exitnas run`")
     thresholds: Literal["fitted", "evolved"] = field(
         "fitted", doc="fitted: each candidate's exit thresholds are fitted on val for every "
                       "deploy budget (exitnas.thresholds); evolved: thresholds are genes")

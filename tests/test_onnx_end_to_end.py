@@ -38,6 +38,9 @@ data:
   val_fraction: 0.2
   augment: false
   batch_size: 16
+backbone_training:
+  epochs: 2
+  optim: {{lr: 0.05}}
 supernet:
   epochs: 2
   optim: {{lr: 0.05}}
@@ -47,7 +50,6 @@ search:
   trials: 8
   population_size: 4
   budget_fraction: 0.9
-  retrain_top: 1
 retrain:
   regime: mixed
   epochs: 2
@@ -104,7 +106,8 @@ def _write_digits(root: Path, n: int) -> None:
 
 
 # the quickstart's network and input, hence its graphs, with fewer epochs and trials
-QUICK = ["--set", "supernet.epochs=2", "--set", "search.trials=24", "--set", "retrain.epochs=2"]
+QUICK = ["--set", "backbone_training.epochs=2", "--set", "supernet.epochs=2", "--set",
+         "search.trials=24"]
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ def searched(tmp_path_factory):
     from exitnas.search import SearchOptions, run_search
 
     space = load_space(SPACES / "quickstart.yaml", {
-        "exits.max_exits": 6, "supernet.epochs": 4, "search.budget_fraction": 0.5,
+        "exits.max_exits": 6, "supernet.init": "scratch", "supernet.epochs": 4, "search.budget_fraction": 0.5,
         "search.deploy_budgets": list(BUDGETS)})
     run = RunDir(tmp_path_factory.mktemp("fitted") / "run")
     train_supernet(run, space, log=None)

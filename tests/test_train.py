@@ -237,7 +237,8 @@ def _check_quickstart(tmp_path, space, settings, head_floor):
 def test_quickstart_sub_networks_beat_chance_at_every_exit_fast(tmp_path, quick_space):
     """3 epochs, SDN-pool heads only (so the supernet is small); every exit of the largest, the
     smallest and a middle depth setting >= 0.5."""
-    space = quick_space.with_overrides({"supernet.epochs": 3, "supernet.random_subnets": 1,
+    space = quick_space.with_overrides({"supernet.init": "scratch", "supernet.epochs": 3,
+                                        "supernet.random_subnets": 1,
                                         "exits.heads": ["sdn_pool"]})
     _check_quickstart(tmp_path, space, [space.max_depths, space.min_depths, (2, 2, 1)],
                       head_floor=0.5)
@@ -248,4 +249,5 @@ def test_quickstart_sub_networks_beat_chance_at_every_exit(tmp_path, quick_space
     """The shipped quickstart space (all 4 head designs, 8 epochs) at every depth setting: the
     best head at every position >= 0.5 and every head >= 3x chance (GAP heads right after the
     stem learn slowest)."""
-    _check_quickstart(tmp_path, quick_space, quick_space.depth_settings(), head_floor=0.3)
+    space = quick_space.with_overrides({"supernet.init": "scratch"})
+    _check_quickstart(tmp_path, space, space.depth_settings(), head_floor=0.3)
