@@ -54,7 +54,7 @@ COUNTS: collections.Counter = collections.Counter()
 SECONDS: collections.Counter = collections.Counter()  # time inside main, per group
 SLOWEST: list = []
 GROUPS = {"space_bytes", "space_lines", "space_tree", "space_cost", "arch_id", "arch_json",
-          "set", "budget", "run_dir", "export_dir", "weights", "flags"}
+          "set", "finetune", "budget", "run_dir", "export_dir", "weights", "flags"}
 MIN_CASES = 3000
 
 
@@ -568,8 +568,9 @@ def test_retrain_on_set_overrides_more(items, trained_run, scratch):
 
 @pytest.fixture(scope="session")
 def foreign_run(scratch) -> Path:
-    """A run directory initialised for another space (quickstart): `run` / `train-supernet`
-    of tiny.yaml parse and validate every override, then refuse the directory."""
+    """A run directory initialised for another space (quickstart): `run`, `train-supernet`
+    and `train-backbone` of tiny.yaml parse and validate every override, then refuse the
+    directory."""
     from exitnas.rundir import RunDir
     from exitnas.space import load_space
 
@@ -579,7 +580,7 @@ def foreign_run(scratch) -> Path:
 
 
 @fuzz(250)
-@given(items=set_items(), cmd=st.sampled_from(["run", "train-supernet"]))
+@given(items=set_items(), cmd=st.sampled_from(["run", "train-supernet", "train-backbone"]))
 def test_run_and_train_supernet_on_set_overrides(items, cmd, foreign_run, scratch):
     with case_dir(scratch) as d:
         run = d / "run"
@@ -588,6 +589,33 @@ def test_run_and_train_supernet_on_set_overrides(items, cmd, foreign_run, scratc
         for item in items:
             argv += ["--set", item]
         check("set", argv, d)
+
+
+def _finetune_case(arch, items, trained_run, scratch):
+    argv = ["finetune", "RUN", "--arch", arch, "--resume"]
+    for item in items:
+        argv += ["--set", item]
+    with case_dir(scratch) as d:
+        run = copy_run(trained_run, d)
+        check("finetune", [run if a == "RUN" else a for a in argv], d)
+
+
+@fuzz(120)
+@given(arch=st.one_of(arch_ids(), st.just(ARCH)), items=st.lists(set_items(), max_size=1)
+       .map(lambda x: x[0] if x else []))
+def test_finetune_on_arch_ids_and_set_overrides(arch, items, trained_run, scratch):
+    """`finetune --resume` with no fine-tuning checkpoint yet: the arch and every override
+    are parsed and checked, then the run is refused in one line; nothing trains."""
+    _finetune_case(arch, items, trained_run, scratch)
+
+
+@pytest.mark.slow
+@fuzz(400)
+@given(arch=st.one_of(arch_ids(), st.just(ARCH)), items=st.lists(set_items(), max_size=1)
+       .map(lambda x: x[0] if x else []))
+def test_finetune_on_arch_ids_and_set_overrides_more(arch, items, trained_run, scratch):
+    """Many more of the cases above (CI's slow run)."""
+    _finetune_case(arch, items, trained_run, scratch)
 
 
 # ---- budgets ------------------------------------------------------------------------------
