@@ -59,6 +59,17 @@ def test_predictions_exits_and_macs_equal_the_model(exported, predictors, backen
     assert empty.pred.shape == empty.exit.shape == empty.macs.shape == (0,)
 
 
+def _between(values, q: float) -> float:
+    """A threshold near quantile ``q`` halfway across the widest gap between neighbouring
+    values there: ONNX Runtime's logits differ from torch's by float round-off, so a
+    threshold equal to (or within 1e-6 of) a sample's value would let that sample go either
+    way."""
+    v = np.sort(np.unique(np.asarray(values, dtype=np.float64)))
+    lo, hi = max(0, int(len(v) * (q - 0.1))), min(len(v) - 1, int(len(v) * (q + 0.1)))
+    i = lo + int(np.argmax(np.diff(v[lo:hi + 1])))
+    return float((v[i] + v[i + 1]) / 2)
+
+
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_every_policy_equals_the_model(exported, predictors, backend):
     from exitnas.policy import ExitStats
@@ -66,7 +77,7 @@ def test_every_policy_equals_the_model(exported, predictors, backend):
     p, model, x = predictors[backend], exported["model"], exported["x"]
     with torch.no_grad():
         ent = ExitStats.stack(model.forward_exits(x)).entropy
-    rules = [("entropy", (float(np.quantile(ent[0], 0.4)), float(np.quantile(ent[1], 0.5)))),
+    rules = [("entropy", (_between(ent[0], 0.4), _between(ent[1], 0.5))),
              ("patience", (2.0,)), ("patience", (1.0,)),
              ("max_softmax", exported["arch"].thresholds)]
     try:
