@@ -249,5 +249,8 @@ def test_quickstart_sub_networks_beat_chance_at_every_exit(tmp_path, quick_space
     """The shipped quickstart space (all 4 head designs, 8 epochs) at every depth setting: the
     best head at every position >= 0.5 and every head >= 3x chance (GAP heads right after the
     stem learn slowest)."""
-    space = quick_space.with_overrides({"supernet.init": "scratch"})
+    # from scratch, as this test has always trained it (the shipped file now grows the
+    # supernet from its trained backbone, with fewer epochs at a lower rate)
+    space = quick_space.with_overrides({"supernet.init": "scratch", "supernet.epochs": 8,
+                                        "supernet.optim.lr": 0.05})
     _check_quickstart(tmp_path, space, space.depth_settings(), head_floor=0.3)
