@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from exitnas import protocols as P  # noqa: E402
 from exitnas.arch import Arch, Exit  # noqa: E402
+from exitnas.baselines import sdn_positions  # noqa: E402  (SDN's placement rule)
 from exitnas.cost import CostTable, cost_table  # noqa: E402
 from exitnas.data import Splits, TensorSet, batches, extract_tarball, load_splits  # noqa: E402
 from exitnas.evaluate import ArchStats, load_or_build_cache  # noqa: E402
@@ -58,7 +59,7 @@ from exitnas.train import train_supernet  # noqa: E402
 TARBALL = Path("/work/shared/data/cifar10-jpeg.tar.gz")
 DATA = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))  # as tests/conftest.py
 SPACE = ROOT / "launch" / "cifar10_bench.yaml"
-SDN_TARGETS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)  # SDN (Kaya et al. 2019), of backbone MACs
+from exitnas.baselines import SDN_TARGETS  # noqa: E402,F401  (SDN, Kaya et al. 2019)
 PICK_BUDGETS = (0.25, 0.5)
 GOAL_POINTS = 2.0  # searched >= SDN + 2 points at 25 % and 50 %
 
@@ -160,27 +161,6 @@ def spread(front: list[dict], k: int) -> list[dict]:
 
 
 # ---- the SDN baseline ----------------------------------------------------------------------
-def sdn_positions(space: Space, costs: CostTable,
-                  targets: tuple[float, ...] = SDN_TARGETS) -> list[tuple[int, int]]:
-    """SDN's placement rule: for each target fraction (in order), the candidate block whose
-    cumulative backbone MACs (stem + every block up to and including it, at full depth) divided
-    by the plain backbone's MACs is closest to the target; ties go to the earlier block, and a
-    block already taken by an earlier target is skipped. The final block is never a candidate
-    (the final exit sits there)."""
-    total = costs.backbone()
-    cum, frac = costs.stem, {}
-    for s, d in enumerate(space.max_depths):
-        for b in range(d):
-            cum += costs.blocks[(s, b)]
-            frac[(s, b)] = cum / total
-    candidates = space.positions()  # network order, final block excluded
-    chosen: list[tuple[int, int]] = []
-    for t in targets:
-        free = [p for p in candidates if p not in chosen]
-        chosen.append(min(free, key=lambda p: (abs(frac[p] - t), candidates.index(p))))
-    return sorted(chosen)
-
-
 def sdn_arch(space: Space, costs: CostTable) -> Arch:
     """Full depth, 6 ``sdn_pool`` exits. The thresholds (0.9) play no part in the reported
     protocols, which fit their own on val."""

@@ -3,6 +3,7 @@ final exit only (see :mod:`exitnas.backbone`). Resumes like ``train-supernet``."
 from __future__ import annotations
 
 from . import add_set_argument, command, parse_sets
+from .train import _resume_flags
 
 
 @command("train-backbone", help="train the full-depth backbone with its final exit (stage 0)")
@@ -12,11 +13,7 @@ class TrainBackbone:
         p.add_argument("config", help="search-space YAML")
         p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
         add_set_argument(p)
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--resume", action="store_true",
-                       help="continue from the last checkpoint; error if there is none")
-        g.add_argument("--restart", action="store_true",
-                       help="ignore any checkpoint and train from scratch")
+        _resume_flags(p)
 
     @staticmethod
     def run(args):
