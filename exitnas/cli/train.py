@@ -1,4 +1,5 @@
-"""``exitnas train-supernet CONFIG --run-dir DIR`` and ``exitnas retrain RUN_DIR --arch A``.
+"""``exitnas train-backbone CONFIG --run-dir DIR`` (stage 0, :mod:`exitnas.backbone`),
+``exitnas train-supernet CONFIG --run-dir DIR`` and ``exitnas retrain RUN_DIR --arch A``.
 
 Resume semantics (both commands): rerunning the same command continues from the step's last
 checkpoint, or does nothing when the step has finished. A checkpoint made for another space,
@@ -24,29 +25,57 @@ def _resume_flags(p: argparse.ArgumentParser) -> None:
                    help="ignore any checkpoint and train from scratch")
 
 
-@command("train-supernet", help="train the weight-sharing supernet of a search space")
-class TrainSupernet:
-    @staticmethod
-    def add_arguments(p):
-        p.add_argument("config", help="search-space YAML")
-        p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
-        add_set_argument(p)
-        _resume_flags(p)
+def _stage_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="search-space YAML")
+    p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
+    add_set_argument(p)
+    _resume_flags(p)
+
+
+def _train_stage(args, train, describe) -> None:
+    """Run ``train(run_dir, space, ...)`` under torchrun or alone; rank 0 prints
+    ``describe(result)``."""
+    from ..rundir import RunDir
+    from ..space import load_space
+    from ..train import distributed
+
+    space = load_space(args.config, parse_sets(args.set))
+    with distributed() as dist:
+        result = train(RunDir(args.run_dir), space, dist=dist, resume=args.resume,
+                       restart=args.restart)
+        if dist.is_main:
+            print(describe(result))
+
+
+@command("train-backbone", help="train the full-depth backbone with its final exit (stage 0)")
+class TrainBackbone:
+    add_arguments = staticmethod(_stage_arguments)
 
     @staticmethod
     def run(args):
-        from ..rundir import RunDir
-        from ..space import load_space
-        from ..train import distributed, train_supernet
+        from ..backbone import train_backbone
 
-        space = load_space(args.config, parse_sets(args.set))
-        with distributed() as dist:
-            result = train_supernet(RunDir(args.run_dir), space, dist=dist, resume=args.resume,
-                                    restart=args.restart)
-            if dist.is_main:
-                print(f"supernet weights: {result.weights}\nmetrics: {result.metrics}\n"
-                      f"next: exitnas search {args.run_dir}   (or exitnas retrain {args.run_dir} "
-                      "--arch ID --regime mixed)")
+        def describe(result):
+            val = result.history[-1]["val_acc"] if result.history else float("nan")
+            return (f"backbone weights: {result.weights} (val acc {val:.4f})\nmetrics: "
+                    f"{result.metrics}\nnext: exitnas train-supernet {args.config} --run-dir "
+                    f"{args.run_dir}")
+
+        _train_stage(args, train_backbone, describe)
+
+
+@command("train-supernet", help="train the weight-sharing supernet of a search space")
+class TrainSupernet:
+    add_arguments = staticmethod(_stage_arguments)
+
+    @staticmethod
+    def run(args):
+        from ..train import train_supernet
+
+        _train_stage(args, train_supernet, lambda result: (
+            f"supernet weights: {result.weights}\nmetrics: {result.metrics}\n"
+            f"next: exitnas search {args.run_dir}   (or exitnas finetune {args.run_dir} "
+            "--arch ID --regime mixed)"))
 
 
 @command("retrain", help="retrain an arch from scratch as a standalone model with a training "
