@@ -1,10 +1,13 @@
 """The run directory: one folder per pipeline run, shared by every step.
 
     RUN/config.yaml            resolved space + settings (written by the first step)
+    RUN/backbone/              stage 0: the full-depth backbone's checkpoint, weights, metrics
     RUN/supernet/              training checkpoint, final weights, metrics.csv
     RUN/cache/                 cached exit statistics per depth setting
     RUN/search/                Optuna storage, Pareto front (CSV, Markdown, PNG)
-    RUN/retrain/<arch id>/     retrained models per regime
+    RUN/selected.json          the deploy picks, one per deploy budget
+    RUN/finetune/<structure>/  models fine-tuned from the inherited weights, per regime
+    RUN/retrain/<arch id>/     models retrained from scratch, per regime
     RUN/export/<arch id>/      deployable artifacts
     RUN/report/                tables and plots
 """

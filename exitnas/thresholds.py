@@ -49,7 +49,7 @@ class _Rule:
     """A threshold rule ``leave at k when value >= t`` (``below`` False: max_softmax) or
     ``value <= t`` (``below`` True: entropy), thresholds on a grid within ``lo..hi``."""
 
-    values: np.ndarray   # [K, N] float32, final exit last (unused)
+    values: np.ndarray   # [K, N] float32, final exit last (its row is never compared)
     below: bool
     grid: np.ndarray     # float32, ascending
 
