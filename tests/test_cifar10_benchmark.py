@@ -1,4 +1,4 @@
-"""The CIFAR-10 benchmark's own rules (launch/cifar10_benchmark.py): SDN placement, the
+"""The CIFAR-10 benchmark's own rules (benchmarks/cifar10_previous.py): SDN placement, the
 val-selected operating points of pooled models, and the fidelity's distinct networks."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("cifar10_benchmark",
-                                                  ROOT / "launch" / "cifar10_benchmark.py")
+                                                  ROOT / "benchmarks" / "cifar10_previous.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -30,7 +30,7 @@ def bench():
 
 @pytest.fixture(scope="module")
 def space():
-    return load_space(ROOT / "launch" / "cifar10_bench.yaml")
+    return load_space(ROOT / "benchmarks" / "cifar10_previous.yaml")
 
 
 def test_sdn_exits_sit_at_the_blocks_closest_to_the_targets(bench, space):

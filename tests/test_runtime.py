@@ -234,7 +234,7 @@ def _plant(kind: str, members: dict[str, bytes], marker: Path, module_dir: Path)
         members["data/constants/model.pt"] = _saved(plant)
     elif kind == "sample inputs":  # deserialize_torch_artifact(example_inputs)
         members["data/sample_inputs/model.pt"] = _saved(plant)
-    elif kind == "pickled weight":  # use_pickle -> torch.load(weights_only=False)
+    elif kind == "pickled weight":  # use_pickle: torch unpickles it without the weights-only guard
         config = json.loads(members[weights])
         meta = next(iter(config["config"].values()))
         meta["use_pickle"] = True

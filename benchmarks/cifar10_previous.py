@@ -1,8 +1,8 @@
 """CIFAR-10 benchmark: searched early-exit ResNets vs SDN's hand-placed exits.
 
-    .venv/bin/python launch/cifar10_benchmark.py            # CPU size (launch/cifar10_bench.yaml)
-    .venv/bin/python launch/cifar10_benchmark.py --smoke    # 1 epoch, 1k images: a timing probe
-    .venv/bin/python launch/cifar10_benchmark.py --full     # full scale, meant for a GPU
+    .venv/bin/python benchmarks/cifar10_previous.py            # CPU size (benchmarks/cifar10_previous.yaml)
+    .venv/bin/python benchmarks/cifar10_previous.py --smoke    # 1 epoch, 1k images: a timing probe
+    .venv/bin/python benchmarks/cifar10_previous.py --full     # full scale, meant for a GPU
 
 On CIFAR-10 (JPEG, ``/work/shared/data/cifar10-jpeg.tar.gz`` extracted into
 ``.cache/cifar10-jpeg``) it
@@ -58,7 +58,7 @@ from exitnas.train import train_supernet  # noqa: E402
 
 TARBALL = Path("/work/shared/data/cifar10-jpeg.tar.gz")
 DATA = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))  # as tests/conftest.py
-SPACE = ROOT / "launch" / "cifar10_bench.yaml"
+SPACE = ROOT / "benchmarks" / "cifar10_previous.yaml"
 from exitnas.baselines import SDN_TARGETS  # noqa: E402,F401  (SDN, Kaya et al. 2019)
 PICK_BUDGETS = (0.25, 0.5)
 GOAL_POINTS = 2.0  # searched >= SDN + 2 points at 25 % and 50 %
@@ -80,7 +80,7 @@ class Scale:
 
 
 SCALES = {
-    # ~35-45 min of single-job time on 2 CPU cores (sizes in launch/cifar10_bench.yaml)
+    # ~35-45 min of single-job time on 2 CPU cores (sizes in benchmarks/cifar10_previous.yaml)
     "cpu": Scale(name="cpu", fidelity_epochs=4, fidelity_train=None),
     # timing probe: 1 epoch on 1,000 images (900 train, 100 val); the whole test set (its
     # first 1,000 images, data.test_subset, would all be one class of the sorted ImageFolder)
@@ -434,7 +434,7 @@ def git_state() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                               capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "exitnas", "launch"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "exitnas", "benchmarks"],
                                cwd=ROOT, text=True, capture_output=True).stdout.rstrip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -472,7 +472,7 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
             for p in space.positions()}
     md = [
         "# CIFAR-10: searched early exits vs SDN's hand-placed exits", "",
-        f"Made by `launch/cifar10_benchmark.py` (scale `{scale.name}`); this README was "
+        f"Made by `benchmarks/cifar10_previous.py` (scale `{scale.name}`); this README was "
         f"written at commit {git_state()}. Every number below is in the CSVs next to this "
         "file.", "",
         "## Command", "", f"    {command}", "",
@@ -487,7 +487,7 @@ def write_readme(out: Path, *, scale: Scale, command: str, space: Space, splits:
         f"`data.train_subset` {space.data.train_subset}), {len(splits.val):,} val held out of "
         f"them (never augmented; thresholds and the search use it), {len(splits.test):,} test "
         "images (reports only). Augmentation: random crop (pad 4) + flip on train.",
-        f"- Space `launch/cifar10_bench.yaml`: CIFAR ResNet, widths 16/32/64, 1..3 basic blocks "
+        f"- Space `benchmarks/cifar10_previous.yaml`: CIFAR ResNet, widths 16/32/64, 1..3 basic blocks "
         f"per stage ({len(space.depth_settings())} depth settings; 3/3/3 = ResNet-20, "
         f"{costs.backbone():,} MACs = the backbone), exits after any block with heads "
         f"{'/'.join(space.exits.heads)}, {space.exits.min_exits}..{space.exits.max_exits} "
@@ -700,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
     out = ROOT / (args.out or scale.out)
     out.mkdir(parents=True, exist_ok=True)
     env = f"EXITNAS_DATA_CACHE={DATA} " if "EXITNAS_DATA_CACHE" in os.environ else ""
-    command = env + " ".join(["python", "launch/cifar10_benchmark.py", *(argv or sys.argv[1:])])
+    command = env + " ".join(["python", "benchmarks/cifar10_previous.py", *(argv or sys.argv[1:])])
     load = {"start": " ".join(f"{v:.1f}" for v in os.getloadavg())}
     log = lambda msg: print(msg, flush=True)  # noqa: E731
 
