@@ -16,7 +16,6 @@ after kill -9 with the weights of an uninterrupted run, NaN stop, ``torchrun``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,22 +27,15 @@ from ._config import to_dict
 from .data import Splits, load_splits
 from .errors import CheckpointError
 from .io import load_weights, save_weights
-from .loop import (Dist, LoopSpec, Phase, accuracy, default_device, open_checkpoint,
-                   per_rank_batch, run_loop)
+from .loop import (Dist, LoopSpec, Phase, StepResult, accuracy, claim_step, default_device,
+                   run_loop, seeded_supernet)
 from .rundir import RunDir
 from .space import Space
 
 BACKBONE_PREFIXES = ("stem.", "stages.", "final.")
 
 
-@dataclass(frozen=True)
-class BackboneResult:
-    weights: Path
-    checkpoint: Path
-    metrics: Path
-    epochs: int
-    history: list[dict] = field(default_factory=list)
-    resumed_from: int = 0
+BackboneResult = StepResult  # the step's outputs (exitnas.loop.StepResult)
 
 
 def backbone_state(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -122,25 +114,13 @@ def train_backbone(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
     """Train the full-depth backbone of ``space`` into ``RUN/backbone/`` (module docs).
     Continues from ``RUN/backbone/checkpoint.pt`` when it matches this space and these
     settings; a finished run is returned as is."""
-    from .supernet import Supernet
-
     dist = dist or Dist(device=default_device())
     cfg = space.backbone_training
     out = run_dir.path / "backbone"
-    if run_dir.exists() and run_dir.space().fingerprint != space.fingerprint:
-        run_dir.init(space)  # raises: another space's run directory, nothing written
-    identity = {"kind": "backbone", "space": space.name, "fingerprint": space.fingerprint}
     settings = backbone_settings(space)
-    state = open_checkpoint(out / "checkpoint.pt", identity=identity, settings=settings,
-                            resume=resume, restart=restart)
-    per_rank_batch(space.data.batch_size, dist)
-    if dist.is_main:
-        run_dir.init(space)
-    dist.barrier()
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = Supernet(space)
+    identity, state = claim_step(run_dir, space, kind="backbone", out=out, settings=settings,
+                                 dist=dist, resume=resume, restart=restart)
+    net = seeded_supernet(space, cfg.seed)
     net.to(dist.device)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)

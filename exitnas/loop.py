@@ -245,6 +245,49 @@ class _Run:
     history: list[dict]
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What a finished training step left: its final weights, checkpoint and metrics, its
+    epochs, the metrics rows and the epoch it resumed from (0: a fresh run)."""
+
+    weights: Path
+    checkpoint: Path
+    metrics: Path
+    epochs: int
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def claim_step(run_dir, space: Space, *, kind: str, out: Path, settings: dict, dist: Dist,
+               resume: bool, restart: bool) -> tuple[dict, dict | None]:
+    """Start a training step on ``run_dir``: refuse another space's run directory (nothing
+    written), open ``out/checkpoint.pt`` for this step's identity and ``settings``, check the
+    batch splits over the ranks, and record the space (rank 0). Returns (identity, state)."""
+    if run_dir.exists() and run_dir.space().fingerprint != space.fingerprint:
+        run_dir.init(space)  # raises: another space's run directory, nothing written
+    identity = {"kind": kind, "space": space.name, "fingerprint": space.fingerprint}
+    state = open_checkpoint(out / "checkpoint.pt", identity=identity, settings=settings,
+                            resume=resume, restart=restart)
+    per_rank_batch(space.data.batch_size, dist)
+    if dist.is_main:
+        run_dir.init(space)
+    dist.barrier()
+    return identity, state
+
+
+def seeded_supernet(space: Space, seed: int, *, init=None):
+    """A Supernet initialised from ``seed`` without moving the global RNG; ``init(net)``
+    (e.g. loading a backbone) runs before it is returned."""
+    from .supernet import Supernet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = Supernet(space)
+    if init is not None:
+        init(net)
+    return net
+
+
 def run_loop(spec: LoopSpec, state: dict | None, *, space: Space, splits: Splits, dist: Dist,
              log: Callable[[str], None] | None = print) -> LoopResult:
     """Train ``spec`` from ``state`` (a checkpoint from :func:`open_checkpoint`, or None)."""

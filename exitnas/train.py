@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,10 +35,10 @@ from ._config import to_dict
 from .arch import sample_exits
 from .data import Splits, load_splits
 from .losses import build_supernet_loss, soft_distill
-from .loop import (Dist, Epoch, LoopSpec, Phase, accuracy, default_device, distributed,
-                   make_optimizer, make_scheduler, open_checkpoint, per_rank_batch,
-                   read_metrics, rng_state, run_epoch, run_loop, set_rng_state, train_batches,
-                   wrap_ddp, write_metrics)
+from .loop import (Dist, Epoch, LoopSpec, Phase, StepResult, accuracy, claim_step, default_device,
+                   distributed, make_optimizer, make_scheduler, open_checkpoint, per_rank_batch,
+                   read_metrics, rng_state, run_epoch, run_loop, seeded_supernet, set_rng_state,
+                   train_batches, wrap_ddp, write_metrics)
 from .rundir import RunDir
 from .space import Space
 
@@ -163,14 +162,7 @@ def _supernet_eval(net, splits: Splits, space: Space, device) -> dict:
     return out
 
 
-@dataclass(frozen=True)
-class SupernetResult:
-    weights: Path
-    checkpoint: Path
-    metrics: Path
-    epochs: int
-    history: list[dict] = field(default_factory=list)
-    resumed_from: int = 0
+SupernetResult = StepResult  # the step's outputs (exitnas.loop.StepResult)
 
 
 def supernet_settings(space: Space, backbone: Path | None = None) -> dict:
@@ -211,26 +203,17 @@ def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
     ``RUN/supernet/checkpoint.pt`` when it matches this space and these settings; a finished
     run is returned as is."""
     from .backbone import backbone_file, load_backbone
-    from .supernet import Supernet
 
     dist = dist or Dist(device=default_device())
     cfg = space.supernet
     out = run_dir.path / "supernet"
     if run_dir.exists() and run_dir.space().fingerprint != space.fingerprint:
-        run_dir.init(space)  # raises: another space's run directory, nothing written
-    identity = {"kind": "supernet", "space": space.name, "fingerprint": space.fingerprint}
+        run_dir.init(space)  # raises first: another space's run directory, nothing written
     backbone = backbone_file(run_dir, space) if cfg.init == "backbone" else None
     settings = supernet_settings(space, backbone)
-    state = open_checkpoint(out / "checkpoint.pt", identity=identity, settings=settings,
-                            resume=resume, restart=restart)
-    per_rank_batch(space.data.batch_size, dist)
-    if dist.is_main:
-        run_dir.init(space)
-    dist.barrier()
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = Supernet(space)
+    identity, state = claim_step(run_dir, space, kind="supernet", out=out, settings=settings,
+                                 dist=dist, resume=resume, restart=restart)
+    net = seeded_supernet(space, cfg.seed)
     if backbone is not None:
         load_backbone(net, backbone)
         if log and dist.is_main:
