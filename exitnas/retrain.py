@@ -52,11 +52,19 @@ REGIMES = ("joint", "disjoint", "mixed")
 PHASE_NAMES = {1: "backbone", 2: "joint", 3: "heads"}
 
 
-def phase_plan(regime: str, epochs: int, phase1_fraction: float) -> list[int]:
-    """The phase (1, 2 or 3) of every epoch; the same length for every regime."""
+def phase_plan(regime: str, epochs: int, phase1_fraction: float, *,
+               phase1: str = "train") -> list[int]:
+    """The phase (1, 2 or 3) of every epoch; the same length for every regime. With ``phase1``
+    ``backbone`` (stage 0's backbone is phase 1) every epoch is the regime's later phase."""
     if regime not in REGIMES:
         raise ConfigError(f"unknown regime {regime!r} (known: {', '.join(REGIMES)})",
                           path="retrain.regime")
+    if phase1 == "backbone":
+        if regime == "joint":
+            raise ConfigError("regime 'joint' has no phase 1 to take from the trained "
+                              "backbone; use disjoint or mixed, or retrain.phase1=train",
+                              path="retrain.phase1")
+        return [3 if regime == "disjoint" else 2] * epochs
     if regime == "joint":
         return [2] * epochs
     if epochs < 2:
@@ -116,18 +124,27 @@ def reinit_heads(model: MultiExitModel, space: Space, arch: Arch, *, seed: int) 
         head.load_state_dict(new.state_dict())
 
 
-def retrain_settings(space: Space) -> dict:
-    """What shapes a retrain run; a checkpoint made with other values is not resumed."""
+def retrain_settings(space: Space, run_dir: RunDir | None = None) -> dict:
+    """What shapes a retrain run (with ``retrain.phase1: backbone``, the sha256 of the
+    backbone); a checkpoint made with other values is not resumed."""
+    from .backbone import backbone_file, file_sha256
+
     cfg = to_dict(space.retrain)
     cfg.pop("regime")  # part of the identity (and of the output path)
-    return {"retrain": cfg, "data": to_dict(space.data)}
+    out = {"retrain": cfg, "data": to_dict(space.data)}
+    if space.retrain.phase1 == "backbone" and run_dir is not None:
+        out["backbone_sha256"] = file_sha256(backbone_file(run_dir, space))
+    return out
 
 
 def initial_model(run_dir: RunDir, space: Space, arch: Arch, splits: Splits) -> MultiExitModel:
-    """A fresh model (seed ``retrain.seed``) or, with ``retrain.init_from_supernet``, ``arch``
-    extracted from ``RUN/supernet/weights.safetensors`` (see :func:`inherited_model`)."""
+    """A fresh model (seed ``retrain.seed``); with ``retrain.phase1: backbone`` the trained
+    backbone under fresh heads (:func:`backbone_model`); with ``retrain.init_from_supernet``,
+    ``arch`` extracted from ``RUN/supernet/weights.safetensors`` (:func:`inherited_model`)."""
     from .supernet import build_model
 
+    if space.retrain.phase1 == "backbone":
+        return backbone_model(run_dir, space, arch, splits)
     if not space.retrain.init_from_supernet:
         with torch.random.fork_rng(devices=[]):
             return build_model(space, arch, seed=space.retrain.seed)
@@ -146,6 +163,22 @@ def inherited_model(run_dir: RunDir, space: Space, arch: Arch, splits: Splits, *
     with torch.random.fork_rng(devices=[]):
         net = Supernet(space).load(weights)
     return net.extract(arch, calib=calibration_batches(space, splits)).train()
+
+
+def backbone_model(run_dir: RunDir, space: Space, arch: Arch, splits: Splits) -> MultiExitModel:
+    """``arch`` on stage 0's trained backbone (:func:`~exitnas.backbone.backbone_file`) with
+    fresh early heads (seed ``retrain.seed``): its first ``depths[s]`` blocks of every stage.
+    At full depth BatchNorm keeps the backbone's trained statistics; a shallower ``arch`` has
+    them re-estimated for its depths on the calibration batches (train mode; global RNG
+    untouched)."""
+    from .backbone import backbone_file, load_backbone
+    from .loop import seeded_supernet
+    from .supernet import calibration_batches
+
+    path = backbone_file(run_dir, space)
+    net = seeded_supernet(space, space.retrain.seed, init=lambda n: load_backbone(n, path))
+    calib = None if arch.depths == space.max_depths else calibration_batches(space, splits)
+    return net.extract(arch, calib=calib).train()
 
 
 def supernet_weights(run_dir: RunDir, *, hint: str = "") -> Path:
@@ -215,13 +248,13 @@ def retrain(run_dir: RunDir, arch: Arch, *, space: Space, regime: str | None = N
     cfg = space.retrain
     regime = regime or cfg.regime
     arch.validate(space)
-    plan = phase_plan(regime, cfg.epochs, cfg.phase1_fraction)
+    plan = phase_plan(regime, cfg.epochs, cfg.phase1_fraction, phase1=cfg.phase1)
     loss_fn = loss_from_config(cfg)
     per_rank_batch(space.data.batch_size, dist)
     out = retrain_dir(run_dir, arch, regime)
     identity = {"kind": "retrain", "space": space.name, "fingerprint": space.fingerprint,
                 "arch": arch.id, "regime": regime}
-    settings = retrain_settings(space)
+    settings = retrain_settings(space, run_dir)
     state = open_checkpoint(out / "checkpoint.pt", identity=identity, settings=settings,
                             resume=resume, restart=restart)
     splits = splits or load_splits(space)
@@ -259,7 +292,8 @@ def retrain(run_dir: RunDir, arch: Arch, *, space: Space, regime: str | None = N
             "arch": arch.to_json(), "space": space.name, "fingerprint": space.fingerprint,
             "regime": regime, "loss": cfg.loss, "epochs": len(plan),
             "phase_epochs": {PHASE_NAMES[p]: plan.count(p) for p in sorted(set(plan))},
-            "init_from_supernet": cfg.init_from_supernet, "exit_names": model.exit_names,
+            "init_from_supernet": cfg.init_from_supernet, "phase1": cfg.phase1,
+            "exit_names": model.exit_names,
             "val_accuracy": [last.get(f"val_acc_exit{k + 1}") for k in range(len(arch.exits))]
             + [last.get("val_acc_final")]})
     dist.barrier()
@@ -285,5 +319,5 @@ def load_retrained(run_dir: RunDir, arch: Arch, regime: str, space: Space) -> Mu
 
 __all__ = ["REGIMES", "phase_plan", "retrain", "RetrainResult", "retrain_dir", "set_phase",
            "train_mode", "reinit_heads", "backbone_modules", "load_retrained", "PhaseForward",
-           "initial_model", "inherited_model", "supernet_weights", "regime_phase",
+           "initial_model", "inherited_model", "backbone_model", "supernet_weights", "regime_phase",
            "exit_accuracy_row"]

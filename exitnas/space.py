@@ -197,8 +197,19 @@ class RetrainConfig:
     loss_weight: float = field(0.5, ge=0.0, le=1.0, doc="distillation weight")
     optim: OptimConfig = field(OptimConfig(), doc="optimizer settings")
     init_from_supernet: bool = field(False, doc="start from the supernet's weights")
+    phase1: Literal["train", "backbone"] = field(
+        "train", doc="train: disjoint and mixed train their phase 1 here; backbone: phase 1 is "
+                     "stage 0's trained backbone (backbone.weights, else RUN/backbone/), and "
+                     "retrain.epochs counts the later phase only (SDN's IC-only recipe = "
+                     "disjoint + backbone)")
     seed: int = field(0, ge=0, le=SEED_MAX, doc="training seed")
     channels_last: bool = field(False, doc="channels_last memory format")
+
+    def __post_init__(self) -> None:
+        if self.phase1 == "backbone" and self.init_from_supernet:
+            raise ConfigError("retrain.phase1 'backbone' starts from the trained backbone, not "
+                              "the supernet; set retrain.init_from_supernet=false",
+                              path="phase1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,7 @@ from conftest import run_cli, tree_digest
 from exitnas.arch import Arch
 from exitnas.data import load_splits
 from exitnas.errors import CheckpointError, ConfigError, RunDirError
+from exitnas.io import load_weights, save_weights
 from exitnas.retrain import (REGIMES, backbone_modules, load_retrained, phase_plan, retrain,
                              retrain_dir)
 from exitnas.rundir import RunDir
@@ -249,7 +250,60 @@ def test_cli_from_scratch_needs_no_supernet_even_when_the_config_inherits(tmp_pa
     r = run_cli(*args, "--from-scratch", "--set", "retrain.init_from_supernet=true")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "--from-scratch: contradicts" in lines[0]
+    r = run_cli(*args, "--from-scratch", "--set", "retrain.phase1=backbone")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--from-scratch: contradicts" in lines[0]
     r = run_cli(*args, "--from-scratch")
     assert r.returncode == 0, r.stderr
     meta = json.loads((retrain_dir(rd, Arch.parse(ARCH), "joint") / "arch.json").read_text())
-    assert meta["init_from_supernet"] is False
+    assert meta["init_from_supernet"] is False and meta["phase1"] == "train"
+
+
+def test_phase1_backbone_reuses_stage0_and_trains_only_the_later_phase(run, tiny_splits):
+    """``retrain.phase1: backbone`` (SDN's IC-only recipe with disjoint): the model starts from
+    stage 0's backbone, every epoch is phase 3, the backbone stays bit-identical to the stage-0
+    file, the fresh heads learn; mixed trains the backbone from there; joint is refused."""
+    from exitnas.backbone import load_backbone, train_backbone
+
+    space = run.space({"backbone_training.epochs": 2, "retrain.epochs": 2,
+                       "retrain.phase1": "backbone"})
+    with pytest.raises(RunDirError, match="no trained backbone"):
+        retrain(run, Arch.parse(ARCH), space=space, regime="disjoint", splits=tiny_splits, log=None)
+    stage0 = train_backbone(run, space, splits=tiny_splits, log=None)
+    ref = load_backbone(Supernet(space), stage0.weights).extract(Arch.parse(ARCH))
+    want = _backbone_state(ref)
+    result = retrain(run, Arch.parse(ARCH), space=space, regime="disjoint", splits=tiny_splits,
+                     log=None)
+    assert [int(r["phase"]) for r in read_metrics(result.out / "metrics.csv")] == [3, 3]
+    got = _backbone_state(result.model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    fresh = build_model(space, Arch.parse(ARCH), seed=0).heads[0].state_dict()
+    trained = result.model.heads[0].state_dict()
+    assert any(not torch.equal(fresh[k], trained[k]) for k in trained if "weight" in k)
+    meta = json.loads((result.out / "arch.json").read_text())
+    assert meta["phase1"] == "backbone" and meta["phase_epochs"] == {"heads": 2}
+
+    mixed = retrain(run, Arch.parse(ARCH), space=space, regime="mixed", splits=tiny_splits,
+                    log=None)
+    assert [int(r["phase"]) for r in read_metrics(mixed.out / "metrics.csv")] == [2, 2]
+    moved = _backbone_state(mixed.model)
+    assert any(not torch.equal(moved[k], want[k]) for k in want if k.endswith("weight"))
+    with pytest.raises(ConfigError, match="retrain.phase1"):
+        retrain(run, Arch.parse(ARCH), space=space, regime="joint", splits=tiny_splits, log=None)
+
+
+def test_phase1_backbone_checkpoint_is_tied_to_that_backbone(run, tiny_splits, tmp_path):
+    """A checkpoint made on one backbone is refused when the backbone file changes."""
+    from exitnas.backbone import train_backbone
+
+    space = run.space({"backbone_training.epochs": 1, "retrain.epochs": 2,
+                       "retrain.phase1": "backbone"})
+    stage0 = train_backbone(run, space, splits=tiny_splits, log=None)
+    retrain(run, Arch.parse(ARCH), space=space, regime="disjoint", splits=tiny_splits, log=None)
+    state = load_weights(stage0.weights)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] += 1.0  # another backbone in the same place
+    save_weights(stage0.weights, state, {})
+    with pytest.raises(CheckpointError, match="backbone_sha256"):
+        retrain(run, Arch.parse(ARCH), space=space, regime="disjoint", splits=tiny_splits,
+                log=None)

@@ -123,6 +123,9 @@ class Retrain:
             overrides["retrain.init_from_supernet"] = False
         run_dir = RunDir(args.run_dir)
         space = run_dir.space(overrides)
+        if args.from_scratch and space.retrain.phase1 == "backbone":
+            raise ConfigError("contradicts retrain.phase1=backbone (which starts from the "
+                              "trained backbone)", file="--from-scratch")
         arch = Arch.parse(args.arch)
         with distributed() as dist:
             result = retrain(run_dir, arch, space=space, regime=args.regime, dist=dist,
