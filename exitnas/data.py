@@ -169,7 +169,9 @@ def load_splits(space: Space) -> Splits:
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(
             cfg.split_seed + 1))[: cfg.train_subset])
     if cfg.test_subset:
-        test = test.subset(torch.arange(min(cfg.test_subset, len(test))))
+        # a seeded random subset: the first N of a class-sorted folder would be one class
+        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(
+            cfg.split_seed + 2))[: cfg.test_subset].sort().values)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
     n_val = max(1, int(round(len(train) * cfg.val_fraction)))
     val, train = train.subset(perm[:n_val]), train.subset(perm[n_val:])

@@ -118,7 +118,7 @@ class DataConfig:
     eval_batch_size: int = field(512, ge=1, le=2**20, doc="batch for caching and evaluation")
     num_workers: int = field(0, ge=0, le=1024, doc="reserved for streaming loaders; in-memory sets need none")
     train_subset: int | None = field(None, ge=1, le=2**40, doc="use only this many train images")
-    test_subset: int | None = field(None, ge=1, le=2**40, doc="use only this many test images")
+    test_subset: int | None = field(None, ge=1, le=2**40, doc="use only this many test images (a random subset, seed data.split_seed)")
     synthetic_size: int = field(512, ge=16, le=2**20, doc="images in the synthetic set")
 
 

@@ -172,6 +172,20 @@ def test_imagefolder_reads_and_caches(tmp_path, tiny_space):
     assert torch.equal(s.test.images[0], torch.from_numpy(img).permute(2, 0, 1))
 
 
+def test_test_subset_is_a_fixed_random_subset_of_a_class_sorted_folder(tmp_path, tiny_space):
+    """The first N images of a class-sorted ImageFolder are one class; test_subset draws a
+    seeded random subset instead (the same one on every load, a subset of the full test set)."""
+    _write_folder(tmp_path, classes=("cat", "dog", "owl"), per_class=10)
+    space = tiny_space.with_overrides({"num_classes": 3, "data.dataset": "imagefolder",
+                                       "data.root": str(tmp_path), "data.test_subset": 9})
+    full = load_splits(space.with_overrides({"data.test_subset": None})).test
+    sub = load_splits(space).test
+    assert len(sub) == 9 and len(set(sub.labels.tolist())) >= 2, sub.labels.tolist()
+    rows = {tuple(img.flatten().tolist()) for img in full.images}
+    assert all(tuple(img.flatten().tolist()) in rows for img in sub.images)
+    assert torch.equal(load_splits(space).test.images, sub.images)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda root: None, "missing folder train/"),
     (lambda root: (root / "train").mkdir() or (root / "test").mkdir(), "train/ has no class folders"),
