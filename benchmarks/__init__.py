@@ -1,0 +1,1 @@
+"""Benchmarks of exitnas (scripts; shared helpers in benchmarks._common)."""

@@ -1,0 +1,149 @@
+"""What the benchmarks share: where the data is, which machine and code ran them, stage wall
+times summed over the sessions a resumable benchmark took, and stored exit statistics.
+
+    from benchmarks._common import cifar10_root, Sessions, Timings, machine
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from exitnas.evaluate import ArchStats  # noqa: E402
+from exitnas.io import atomic_path, atomic_write_json  # noqa: E402
+
+CIFAR10_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def cifar10_root() -> Path:
+    """CIFAR-10 (JPEG) extracted once into ``$EXITNAS_DATA_CACHE`` (default
+    ``.cache/cifar10-jpeg``, as the tests' fixture): ImageFolder train/ and test/."""
+    from exitnas.data import extract_tarball
+
+    cache = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))
+    if not CIFAR10_TARBALL.is_file() and not (cache / "test").is_dir():
+        sys.exit(f"CIFAR-10 (JPEG) tarball not found at {CIFAR10_TARBALL}")
+    return extract_tarball(CIFAR10_TARBALL, cache)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    """One line: cores, CPU model, GPU if any, torch version and threads."""
+    import torch
+
+    gpu = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+    return (f"{os.cpu_count()}-core {cpu_model()} ({platform.machine()}), {gpu}, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} torch thread(s)")
+
+
+def git_state(paths: tuple[str, ...] = ("exitnas", "benchmarks")) -> str:
+    """The commit, and the files under ``paths`` that differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=ROOT,
+                               text=True, capture_output=True).stdout.rstrip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    files = [line[3:] for line in dirty.splitlines()]
+    return head + (f" (uncommitted: {', '.join(files)})" if files else "")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+class Sessions:
+    """``sessions.json``: every session that worked on a resumable benchmark, with its start
+    time, the code it imported and the load average when it started."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = json.loads(path.read_text()) if path.is_file() else []
+
+    def start(self, **extra) -> None:
+        self.rows.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                          "code": git_state(), "load": load_average(), "machine": machine(),
+                          **extra})
+        atomic_write_json(self.path, self.rows)
+
+
+class Timings:
+    """Wall seconds per stage, summed over the sessions that worked on it until it first
+    finished (a killed stage's partial session counts; a rerun after it finished does not)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def run(self, stage: str, fn, *args, **kwargs):
+        entry = self.data.setdefault(stage, {"seconds": 0.0, "sessions": 0, "done": False})
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if not entry["done"]:
+                entry["seconds"] += time.perf_counter() - t0
+                entry["sessions"] += 1
+                entry["load_after"] = load_average()
+                atomic_write_json(self.path, self.data)
+
+    def done(self, stage: str) -> None:
+        entry = self.data.setdefault(stage, {"seconds": 0.0, "sessions": 0, "done": False})
+        if not entry["done"]:
+            entry["done"] = True
+            atomic_write_json(self.path, self.data)
+
+    def total(self) -> float:
+        return sum(e["seconds"] for e in self.data.values())
+
+
+def save_stats(path: Path, stats: ArchStats, **meta) -> None:
+    """Exit statistics as an ``.npz`` (no pickles) with ``meta`` (JSON) beside them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, conf=stats.conf, entropy=stats.entropy, pred=stats.pred,
+                     labels=stats.labels, exit_macs=np.asarray(stats.exit_macs, np.int64),
+                     backbone_macs=np.int64(stats.backbone_macs),
+                     meta=np.frombuffer(json.dumps({"names": list(stats.names), **meta})
+                                        .encode(), dtype=np.uint8))
+
+
+def load_stats(path: Path) -> tuple[ArchStats, dict] | None:
+    """What :func:`save_stats` wrote, or None when there is no readable file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            stats = ArchStats(z["conf"], z["entropy"], z["pred"], z["labels"],
+                              tuple(int(c) for c in z["exit_macs"]), int(z["backbone_macs"]),
+                              tuple(meta.pop("names")))
+    except (OSError, ValueError, KeyError):
+        return None
+    return stats, meta
+
+
+__all__ = ["ROOT", "CIFAR10_TARBALL", "cifar10_root", "machine", "cpu_model", "git_state",
+           "load_average", "Sessions", "Timings", "save_stats", "load_stats"]
