@@ -162,6 +162,16 @@ class SupernetConfig:
                         "sampled, joint = scratch + sampled")
     loss: str = field("sandwich", choices=losses.SUPERNET_LOSSES,
                       doc="how a sandwich pass combines its exits' losses (losses.SUPERNET_LOSSES)")
+    teacher: Literal["largest", "backbone"] = field(
+        "largest", doc="largest: the largest net learns from the labels, the others distil from "
+                       "its final exit (in-place); backbone: every pass learns from the labels "
+                       "plus distillation from the frozen trained backbone (OFA's teacher; needs "
+                       "init backbone and distill)")
+
+    def __post_init__(self) -> None:
+        if self.teacher == "backbone" and (self.init != "backbone" or not self.distill):
+            raise ConfigError("the backbone teacher needs supernet.init 'backbone' and "
+                              "supernet.distill true", path="teacher")
 
 
 @dataclass(frozen=True, kw_only=True)

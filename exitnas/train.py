@@ -7,7 +7,9 @@
 Supernet training follows BigNAS / AttentiveNAS: every step trains the largest, the smallest and
 ``supernet.random_subnets`` random depth settings (sandwich rule); the largest learns from the
 labels, the others from the largest's final exit (in-place distillation, KL at
-``supernet.distill_temperature``). Every candidate exit head active at a sampled depth is
+``supernet.distill_temperature``); with ``supernet.teacher: backbone`` every pass learns from
+the labels plus distillation from the frozen trained backbone instead (Once-for-All's teacher),
+so the full network is pulled back towards what stage 0 trained. Every candidate exit head active at a sampled depth is
 computed and trained, so every head learns on every step (the largest pass activates them all).
 Heads learn from their own losses on detached backbone features (see :class:`SandwichStep`):
 the shared blocks are trained by the final exits, so dozens of candidate heads neither swamp
@@ -110,15 +112,21 @@ class SandwichStep(nn.Module):
     does (``L_final + Σ_{e in set} L_e``, mean_ce's weighting up to a constant, the gradient
     passed whole), while the other candidate heads learn detached as above.
 
+    With ``teacher`` (a frozen network; ``supernet.teacher: backbone``) every pass, the
+    largest included, learns from ``CE(labels) + KL(teacher's final exit)`` at
+    ``temperature``, its exits too.
+
     That combination is the ``sandwich`` entry of
     :data:`~exitnas.losses.SUPERNET_LOSSES`; ``loss`` names another entry, built with the same
     ``head_weight`` and ``head_share``."""
 
     def __init__(self, net: nn.Module, *, distill: bool, temperature: float,
                  head_weight: float = 0.5, head_share: float = 0.0,
-                 loss: str = "sandwich") -> None:
+                 loss: str = "sandwich", teacher: nn.Module | None = None) -> None:
         super().__init__()
         self.net = net
+        # not a registered submodule: never trained, never switched to train mode, not in DDP
+        self._teacher = (teacher,) if teacher is not None else ()
         self.distill = distill
         self.temperature = temperature
         self.head_weight = head_weight
@@ -138,9 +146,16 @@ class SandwichStep(nn.Module):
                 exit_sets: Sequence[Sequence] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         sets = list(exit_sets) if exit_sets is not None else [()] * (1 + len(depths))
         ce = lambda z: F.cross_entropy(z, y)  # noqa: E731
+        if self._teacher:  # every pass: labels + the frozen backbone's final exit
+            with torch.no_grad():
+                soft = self._teacher[0].forward_exits(x, self.net.space.max_depths, ())[-1]
+            ce = lambda z: (F.cross_entropy(z, y)  # noqa: E731
+                            + soft_distill(z, soft, self.temperature))
         total, final = self._pass(x, self.net.space.max_depths, ce, sets[0])
         teacher = final.detach()
         kd = (lambda z: soft_distill(z, teacher, self.temperature)) if self.distill else ce
+        if self._teacher:
+            kd = ce
         for d, exits in zip(depths, sets[1:]):
             total = total + self._pass(x, d, kd, exits)[0]
         return total, F.cross_entropy(teacher, y)
@@ -176,10 +191,10 @@ def supernet_settings(space: Space, backbone: Path | None = None) -> dict:
     return out
 
 
-def sandwich_phase(space: Space, net: nn.Module) -> Phase:
+def sandwich_phase(space: Space, net: nn.Module, teacher: nn.Module | None = None) -> Phase:
     """Supernet training as one phase of :mod:`exitnas.loop`: every parameter trains, each
     step runs the sandwich rule with depth settings (and exit sets) drawn from the epoch's
-    rng."""
+    rng; ``teacher`` is the frozen backbone of ``supernet.teacher: backbone``."""
     cfg = space.supernet
 
     def step(forward: nn.Module, x, y, epoch: Epoch) -> torch.Tensor:
@@ -192,8 +207,20 @@ def sandwich_phase(space: Space, net: nn.Module) -> Phase:
         return total
 
     module = SandwichStep(net, distill=cfg.distill, temperature=cfg.distill_temperature,
-                          loss=cfg.loss)
+                          loss=cfg.loss, teacher=teacher)
     return Phase(epochs=cfg.epochs, optim=cfg.optim, forward=module, step=step)
+
+
+def frozen_teacher(space: Space, backbone: Path, device) -> nn.Module:
+    """The trained backbone as a frozen teacher: eval mode (BatchNorm keeps its trained
+    statistics), no gradients, on ``device``."""
+    from .backbone import load_backbone
+
+    teacher = load_backbone(seeded_supernet(space, space.supernet.seed), backbone)
+    teacher.to(device).eval().requires_grad_(False)
+    if space.supernet.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return teacher
 
 
 def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
@@ -219,6 +246,7 @@ def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
         if log and dist.is_main:
             log(f"growing the supernet from the trained backbone {backbone}")
     net.to(dist.device)
+    teacher = frozen_teacher(space, backbone, dist.device) if cfg.teacher == "backbone" else None
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     splits = splits or load_splits(space)
@@ -230,7 +258,8 @@ def train_supernet(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
 
     spec = LoopSpec(name="supernet", title="supernet training",
                     done_text="supernet already trained", identity=identity, settings=settings,
-                    out=out, model=net, phases=(sandwich_phase(space, net),), evaluate=evaluate,
+                    out=out, model=net, phases=(sandwich_phase(space, net, teacher),),
+                    evaluate=evaluate,
                     seed=cfg.seed, final=out / "weights.safetensors",
                     channels_last=cfg.channels_last)
     result = run_loop(spec, state, space=space, splits=splits, dist=dist, log=log)

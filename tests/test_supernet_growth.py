@@ -108,3 +108,59 @@ def test_a_changed_backbone_is_not_resumed_from(backbone_run, tmp_path):
 def _stop_after_epoch(message: str) -> None:
     if message.startswith("supernet epoch 1/"):
         raise KeyboardInterrupt
+
+
+def test_backbone_teacher_loss_is_labels_plus_distillation_from_the_frozen_backbone(backbone_run):
+    """``supernet.teacher: backbone``: every pass (largest included) learns from CE + KL to
+    the frozen backbone's final exit, computed by hand here; the teacher gets no gradient."""
+    from exitnas.losses import soft_distill
+    from exitnas.train import frozen_teacher
+
+    run, space = backbone_run
+    space = space.with_overrides({"supernet.teacher": "backbone"})
+    teacher = frozen_teacher(space, run.path / "backbone" / "weights.safetensors", "cpu")
+    torch.manual_seed(0)
+    net = Supernet(space)
+    step = SandwichStep(net, distill=True, temperature=2.0, teacher=teacher)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    full, small = space.max_depths, space.min_depths
+    with torch.no_grad():
+        soft = teacher.forward_exits(x, full, ())[-1]
+    crit = lambda z: F.cross_entropy(z, y) + soft_distill(z, soft, 2.0)  # noqa: E731
+    got, _ = step(x, y, [small])
+    want = 0.0
+    for d in (full, small):
+        logits = net.forward_exits(x, d, net.candidate_exits(d))
+        want = want + crit(logits[-1]) + 0.5 * sum(crit(z) for z in logits[:-1])
+    assert torch.allclose(got, want, rtol=1e-5), (got, want)
+    got.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+
+
+def test_backbone_teacher_stays_frozen_through_training(backbone_run, tmp_path, monkeypatch):
+    """A supernet epoch with the backbone teacher trains the supernet, leaves the teacher's
+    weights and BN statistics as the backbone file holds them, and the setting is refused
+    without a backbone to teach."""
+    from exitnas.errors import ConfigError
+    from exitnas.train import frozen_teacher
+
+    run, space = backbone_run
+    path = run.path / "backbone" / "weights.safetensors"
+    space = space.with_overrides({"supernet.teacher": "backbone", "backbone.weights": str(path)})
+    seen = []
+    real = frozen_teacher
+
+    def spy(*args):
+        seen.append(real(*args))
+        return seen[-1]
+
+    monkeypatch.setattr("exitnas.train.frozen_teacher", spy)  # a spy: the real teacher
+    result = train_supernet(RunDir(tmp_path / "grown"), space, log=None)
+    bb = load_weights(path)
+    after = seen[0].state_dict()
+    assert all(torch.equal(after[k], bb[k]) for k in bb)
+    grown = load_weights(result.weights)
+    assert not torch.equal(grown["stem.0.weight"], bb["stem.0.weight"])
+    with pytest.raises(ConfigError, match="supernet.teacher"):
+        space.with_overrides({"supernet.init": "scratch"})
