@@ -145,5 +145,27 @@ def load_stats(path: Path) -> tuple[ArchStats, dict] | None:
     return stats, meta
 
 
+def model_stats(space, arch, weights: Path, splits, split: str, folder: Path) -> ArchStats:
+    """Exit statistics of the model in ``weights`` (``arch`` of ``space``) on ``split``, one
+    CPU pass, stored in ``folder`` per weights file (sha256) and reused."""
+    from exitnas.backbone import file_sha256
+    from exitnas.cost import cost_table
+    from exitnas.data import batches
+    from exitnas.report import ModelEntry, load_model
+
+    path = folder / f"{file_sha256(weights)[:16]}-{split}.npz"
+    got = load_stats(path)
+    if got is not None and got[1].get("arch") == arch.id:
+        return got[0]
+    costs = cost_table(space)
+    model = load_model(space, ModelEntry(arch, "benchmark", weights))
+    data = batches(getattr(splits, split), batch_size=space.data.eval_batch_size,
+                   mean=splits.mean, std=splits.std)
+    stats = ArchStats.from_model(model, data, exit_macs=costs.exit_costs(arch),
+                                 backbone_macs=costs.backbone())
+    save_stats(path, stats, arch=arch.id, weights=str(weights))
+    return stats
+
+
 __all__ = ["ROOT", "CIFAR10_TARBALL", "cifar10_root", "machine", "cpu_model", "git_state",
-           "load_average", "Sessions", "Timings", "save_stats", "load_stats"]
+           "load_average", "Sessions", "Timings", "save_stats", "load_stats", "model_stats"]

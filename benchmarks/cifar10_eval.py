@@ -20,16 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks._common import load_stats, save_stats
+from benchmarks._common import model_stats
 from exitnas import protocols as P
 from exitnas.arch import Arch
-from exitnas.backbone import file_sha256
 from exitnas.baselines import sdn_arch
 from exitnas.cost import cost_table
-from exitnas.data import batches, load_splits
+from exitnas.data import load_splits
 from exitnas.evaluate import ArchStats, load_or_build_cache
 from exitnas.finetune import finetune_dir
-from exitnas.report import ModelEntry, load_model
 from exitnas.retrain import retrain_dir
 from exitnas.supernet import Supernet
 from exitnas.thresholds import fit_thresholds
@@ -124,17 +122,8 @@ class SeedNets:
         return Net(name, arch, self._cached(arch, "val"), lambda: self._cached(arch, "test"))
 
     def _model_stats(self, arch: Arch, weights: Path, split: str) -> ArchStats:
-        path = self.run.path / "benchmark" / "stats" / f"{file_sha256(weights)[:16]}-{split}.npz"
-        got = load_stats(path)
-        if got is not None and got[1].get("arch") == arch.id:
-            return got[0]
-        model = load_model(self.space, ModelEntry(arch, "benchmark", weights))
-        data = batches(getattr(self.splits, split), batch_size=self.space.data.eval_batch_size,
-                       mean=self.splits.mean, std=self.splits.std)
-        stats = ArchStats.from_model(model, data, exit_macs=self.costs.exit_costs(arch),
-                                     backbone_macs=self.costs.backbone())
-        save_stats(path, stats, arch=arch.id, weights=str(weights))
-        return stats
+        return model_stats(self.space, arch, weights, self.splits, split,
+                           self.run.path / "benchmark" / "stats")
 
     def trained(self, arch: Arch, weights: Path, name: str) -> Net:
         return Net(name, arch, self._model_stats(arch, weights, "val"),

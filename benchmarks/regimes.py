@@ -1,359 +1,210 @@
-"""Joint vs disjoint vs mixed training of one fixed multi-exit CIFAR ResNet (seed paper:
-Kubaty et al., "How to train your multi-exit model?").
+"""Joint vs disjoint vs mixed training of one multi-exit CIFAR-10 ResNet-20 (seed paper: Kubaty
+et al., "How to train your multi-exit model?"), all on the CIFAR-10 benchmark's stage-0
+backbone.
 
-    .venv/bin/python benchmarks/regimes.py                 # CPU size (~30 min, 1 thread, shared machine)
-    .venv/bin/python benchmarks/regimes.py --full          # full scale, meant for a GPU
+    .venv/bin/python benchmarks/regimes.py --work runs/cifar10 [--epochs 10] [--seeds 0 1 2]
 
-Model: ResNet-20 (width 16, depths 3/3/3) with 4 exits: SDN-pool heads after stage-0 block 1,
-stage-1 block 1 and stage-2 block 0, plus the final exit. Every regime gets the same total epochs
-(phase 1 = half of them for disjoint and mixed). Data: CIFAR-10 (JPEG) from
-../shared/data/cifar10-jpeg.tar.gz (extracted into .cache/cifar10-jpeg), val held out of train.
-Evaluation: accuracy of every exit on test, and the threshold sweep (100 max-softmax thresholds
-in [0, 1], one shared by all exits; for each budget the best VAL point with expected MACs <=
-budget × backbone MACs, its TEST accuracy reported).
+Needs ``WORK/seed0/backbone/weights.safetensors`` (``benchmarks/cifar10.py --until
+backbone``). Model: SDN's placement (ResNet-20 at full depth, ``sdn_pool`` after the blocks
+nearest 15..90 % of the backbone's MACs). Every regime gets the same total epochs, the
+backbone's B plus ``--epochs`` E:
 
-Writes results/regimes/{summary.csv, per_exit.csv, summary.md, regimes.png, README.md}.
+- disjoint: the stage-0 backbone (B epochs), then E epochs of the heads alone on it, frozen
+  (``retrain --regime disjoint`` with ``retrain.phase1: backbone``);
+- mixed: the stage-0 backbone, then E epochs of everything with fresh heads (``mixed`` with
+  ``retrain.phase1: backbone``);
+- joint: B + E epochs of everything from scratch (``retrain --regime joint``).
+
+Each (regime, seed) is a resumable run under ``WORK/regimes/seed<k>``; the report covers what
+has finished (``n`` per regime). Evaluation: every exit's test accuracy, and the threshold sweep,
+budgeted batch and fitted exit rule at 25 / 50 / 75 / 100 % of the backbone's MACs (operating
+points chosen on val, reported on test; :mod:`benchmarks.cifar10_eval`). Writes
+``results/regimes/{summary.csv, per_exit.csv, README.md, regimes.png}``.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shutil
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from exitnas.arch import Arch  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from benchmarks._common import Sessions, Timings, machine, model_stats  # noqa: E402
+from benchmarks.cifar10 import SCALES, Bench  # noqa: E402
+from benchmarks.cifar10_eval import Net, choose  # noqa: E402
+from exitnas.baselines import sdn_arch  # noqa: E402
 from exitnas.cost import cost_table  # noqa: E402
-from exitnas.data import extract_tarball, batches, load_splits  # noqa: E402
-from exitnas.policy import ExitStats  # noqa: E402
+from exitnas.data import load_splits  # noqa: E402
+from exitnas.report import markdown  # noqa: E402
 from exitnas.retrain import REGIMES, retrain  # noqa: E402
 from exitnas.rundir import RunDir  # noqa: E402
-from exitnas.space import parse_space  # noqa: E402
 
-TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-ARCH = "d3.3.3~s0b1=sdn_pool,s1b1=sdn_pool,s2b0=sdn_pool~max_softmax=0.9,0.9,0.9"
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
-THRESHOLDS = np.linspace(0.0, 1.0, 100)
+LR = 0.1  # every phase has its own cosine schedule from this peak (exitnas.retrain)
 
 
-def cifar_root() -> Path:
-    cache = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))
-    if not TARBALL.is_file() and not (cache / "test").is_dir():
-        sys.exit(f"regimes: CIFAR-10 (JPEG) tarball not found at {TARBALL}")
-    return extract_tarball(TARBALL, cache)
+def regime_space(bench: Bench, seed: int, regime: str, epochs: int):
+    space = bench.space(seed).with_overrides({"backbone.weights": str(bench.backbone),
+                                              "retrain.optim.lr": LR})
+    total = space.backbone_training.epochs + epochs
+    if regime == "joint":
+        return space.with_overrides({"retrain.phase1": "train", "retrain.epochs": total})
+    return space.with_overrides({"retrain.phase1": "backbone", "retrain.epochs": epochs})
 
 
-def make_space(args, root: Path):
-    return parse_space({
-        "name": "regimes_resnet20", "num_classes": 10, "input": {"channels": 3, "size": 32},
-        "backbone": {"family": "resnet", "block": "basic", "stem_channels": 16, "stages": [
-            {"channels": 16, "stride": 1, "depths": [3]},
-            {"channels": 32, "stride": 2, "depths": [3]},
-            {"channels": 64, "stride": 2, "depths": [3]}]},
-        "exits": {"positions": [[0, 1], [1, 1], [2, 0]], "heads": ["sdn_pool"], "max_exits": 3},
-        "data": {"dataset": "imagefolder", "root": str(root), "val_fraction": 0.1,
-                 "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616],
-                 "batch_size": args.batch_size, "eval_batch_size": 500,
-                 "train_subset": args.train_subset, "test_subset": args.test_subset},
-        "retrain": {"epochs": args.epochs, "phase1_fraction": 0.5, "loss": "mean_ce",
-                    "optim": {"lr": args.lr, "weight_decay": 5e-4}, "seed": args.seed,
-                    "channels_last": args.channels_last},
-    }, file="benchmarks/regimes.py")
+def train(bench: Bench, seed: int, regime: str, epochs: int) -> Path:
+    space = regime_space(bench, seed, regime, epochs)
+    run = RunDir(bench.work / "regimes" / f"seed{seed}")
+    run.init(space)
+    arch = sdn_arch(space, cost_table(space))
+    return retrain(run, arch, space=space, regime=regime, log=bench.log).out
 
 
-@torch.no_grad()
-def exit_stats(model, data, splits, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """conf [K, N], pred [K, N], labels [N] of every exit."""
-    model.eval()
-    confs, preds, labels = [], [], []
-    for x, y in batches(data, batch_size=500, mean=splits.mean, std=splits.std):
-        s = ExitStats.stack([z.cpu() for z in model.forward_exits(x.to(device))])
-        confs.append(s.conf)
-        preds.append(s.pred)
-        labels.append(y)
-    return (torch.cat(confs, 1).numpy(), torch.cat(preds, 1).numpy(), torch.cat(labels).numpy())
-
-
-def sweep(conf, pred, labels, costs) -> pd.DataFrame:
-    """Local threshold sweep: one max-softmax threshold t at every early exit."""
-    k = conf.shape[0]
+def evaluate(bench: Bench, seed: int, regime: str, epochs: int, out: Path, splits):
+    space = regime_space(bench, seed, regime, epochs)
+    arch = sdn_arch(space, cost_table(space))
+    folder = bench.work / "regimes" / "stats"
+    weights = out / "model.safetensors"
+    val, test = (model_stats(space, arch, weights, splits, s, folder) for s in ("val", "test"))
+    net = Net(regime, arch, val, test)
     rows = []
-    for t in THRESHOLDS:
-        leave = np.vstack([conf[:-1] >= np.float32(t), np.ones((1, conf.shape[1]), bool)])
-        idx = leave.argmax(0)
-        cols = np.arange(conf.shape[1])
-        acc = float((pred[idx, cols] == labels).mean())
-        frac = np.bincount(idx, minlength=k) / conf.shape[1]
-        rows.append({"threshold": float(t), "accuracy": acc,
-                     "relative_macs": float((frac * np.asarray(costs)).sum() / costs.backbone)})
-    return pd.DataFrame(rows)
+    for protocol in ("sweep", "budgeted", "fitted"):
+        for b in BUDGETS:
+            c = choose([net], protocol, b) or {}
+            rows.append({"regime": regime, "seed": seed, "protocol": protocol,
+                         "budget_fraction": b,
+                         **{k: c.get(k, np.nan) for k in ("test_accuracy", "val_accuracy",
+                                                          "test_relative_macs")}})
+    exits = [{"regime": regime, "seed": seed, "exit": k, "name": name,
+              "relative_macs": m / test.backbone_macs, "test_accuracy": a}
+             for k, (name, m, a) in enumerate(zip(test.names, test.exit_macs, test.exit_accuracy))]
+    return rows, exits
 
 
-class Costs(list):
-    backbone: int
-
-
-def budget_table(val: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for b in BUDGETS:
-        fit = val[val["relative_macs"] <= b + 1e-12]
-        if fit.empty:
-            rows.append({"budget_fraction": b, "threshold": np.nan, "val_accuracy": np.nan,
-                         "accuracy": np.nan, "relative_macs": np.nan})
-            continue
-        best = fit.sort_values(["accuracy", "relative_macs", "threshold"],
-                               ascending=[False, True, True]).index[0]
-        rows.append({"budget_fraction": b, "threshold": val.loc[best, "threshold"],
-                     "val_accuracy": val.loc[best, "accuracy"],
-                     "accuracy": test.loc[best, "accuracy"],
-                     "relative_macs": test.loc[best, "relative_macs"]})
-    return pd.DataFrame(rows)
-
-
-def cross_check(val_arrays, test_arrays, costs, ours: pd.DataFrame) -> str:
-    """Compare with exitnas.protocols.budget_accuracy when that module is importable."""
-    try:
-        from exitnas.evaluate import ArchStats
-        from exitnas.protocols import budget_accuracy
-    except ImportError as err:
-        return f"exitnas.protocols not importable ({err}); local sweep used"
-
-    def stats(arr):
-        conf, pred, labels = arr
-        return ArchStats(conf, np.zeros_like(conf), pred, labels, tuple(costs), costs.backbone)
-
-    theirs = budget_accuracy(stats(val_arrays), stats(test_arrays))
-    same = np.allclose(theirs["test_accuracy"].to_numpy(float), ours["accuracy"].to_numpy(float),
-                       equal_nan=True)
-    return ("local sweep agrees with exitnas.protocols.budget_accuracy" if same else
-            "WARNING: local sweep differs from exitnas.protocols.budget_accuracy")
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--full", action="store_true",
-                   help="full scale: all 50k train images, 10k test, 60 epochs per regime")
-    p.add_argument("--train-subset", type=int, default=10_000)
-    p.add_argument("--test-subset", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--regimes", default=",".join(REGIMES))
-    p.add_argument("--run-dir", default=str(ROOT / "runs" / "regimes"))
-    p.add_argument("--out", default=str(ROOT / "results" / "regimes"))
-    args = p.parse_args()
-    if args.full:
-        args.train_subset, args.test_subset, args.epochs = None, None, 60
-    torch.set_num_threads(args.threads)
-    command = "benchmarks/regimes.py " + " ".join(sys.argv[1:])
-
-    root = cifar_root()
-    space = make_space(args, root)
-    arch = Arch.parse(ARCH).validate(space)
-    table = cost_table(space)
-    costs = Costs(table.exit_costs(arch))
-    costs.backbone = table.backbone()
-    t0 = time.perf_counter()
-    splits = load_splits(space)
-    load_s = time.perf_counter() - t0
-    print(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
-          f"({load_s:.0f} s); C_k / backbone: {[round(c / costs.backbone, 3) for c in costs]}")
-    run_dir = RunDir(args.run_dir)
-    if run_dir.path.exists():
-        shutil.rmtree(run_dir.path)  # a benchmark always trains from scratch
-    run_dir.init(space)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    summary, per_exit, curves, notes, timing, logs = [], [], {}, [], {}, {}
-    for regime in args.regimes.split(","):
-        phase1 = {}
-
-        def on_phase(phase, epoch, model, phase1=phase1):
-            if phase in (2, 3) and epoch > 0:  # end of phase 1: the backbone's own accuracy
-                _, pred, labels = exit_stats(model, splits.test, splits, device)
-                phase1["final"] = float((pred[-1] == labels).mean())
-
-        t = time.perf_counter()
-        result = retrain(run_dir, arch, space=space, regime=regime, splits=splits,
-                         on_phase_start=on_phase)
-        timing[regime] = time.perf_counter() - t
-        logs[regime] = (result.out / "metrics.csv").read_text()
-        model = result.model.to(device)
-        val_arr = exit_stats(model, splits.val, splits, device)
-        test_arr = exit_stats(model, splits.test, splits, device)
-        val_curve = sweep(*val_arr, costs)
-        test_curve = sweep(*test_arr, costs)
-        curves[regime] = test_curve
-        table_b = budget_table(val_curve, test_curve)
-        notes.append(f"{regime}: {cross_check(val_arr, test_arr, costs, table_b)}")
-        for _, row in table_b.iterrows():
-            summary.append({"regime": regime, **row.to_dict()})
-        conf, pred, labels = test_arr
-        for k, name in enumerate(model.exit_names):
-            per_exit.append({"regime": regime, "exit": k + 1, "name": name, "macs": costs[k],
-                             "relative_macs": costs[k] / costs.backbone,
-                             "accuracy": float((pred[k] == labels).mean())})
-        per_exit.append({"regime": regime, "exit": 0, "name": "phase1_backbone_final",
-                         "macs": costs.backbone, "relative_macs": 1.0,
-                         "accuracy": phase1.get("final", np.nan)})
-        print(f"{regime}: {timing[regime]:.0f} s; test acc per exit "
-              f"{[round(r['accuracy'], 4) for r in per_exit if r['regime'] == regime]}")
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary_df = pd.DataFrame(summary)[["regime", "budget_fraction", "accuracy", "relative_macs",
-                                        "threshold", "val_accuracy"]]
-    summary_df.to_csv(out / "summary.csv", index=False, float_format="%.3f")
-    exits_df = pd.DataFrame(per_exit)[["regime", "exit", "name", "macs", "relative_macs",
-                                       "accuracy"]]
-    exits_df.to_csv(out / "per_exit.csv", index=False, float_format="%.3f")
-    for regime, text in logs.items():
-        (out / f"metrics_{regime}.csv").write_text(text)
-    pd.concat([c.assign(regime=r) for r, c in curves.items()])[
-        ["regime", "threshold", "accuracy", "relative_macs"]].to_csv(
-        out / "sweep_test.csv", index=False, float_format="%.3f")
-
-    budget_md = summary_df.pivot(index="regime", columns="budget_fraction", values="accuracy")
-    budget_md.columns = [f"{int(b * 100)} % MACs" for b in budget_md.columns]
-    exit_md = exits_df[exits_df["exit"] > 0].pivot(index="regime", columns="name",
-                                                    values="accuracy")
-    exit_md = exit_md[[n for n in model.exit_names]]
-    exit_md["phase-1 backbone (final)"] = exits_df[exits_df["exit"] == 0].set_index(
-        "regime")["accuracy"]
-    findings = verdict(budget_md, exit_md)
-    md = ("## Test accuracy at a MACs budget (threshold sweep, thresholds fitted on val)\n\n"
-          + budget_md.to_markdown(floatfmt=".3f") + "\n\n## Test accuracy of every exit\n\n"
-          + exit_md.to_markdown(floatfmt=".3f") + "\n\nC_k / backbone MACs: "
-          + ", ".join(f"{n} {c / costs.backbone:.3f}" for n, c in zip(model.exit_names, costs))
-          + "\n\n## Findings\n\n" + findings + "\n")
-    (out / "summary.md").write_text(md)
-    plot(curves, exits_df, out / "regimes.png")
-    readme(out, args, command, splits, costs, timing, load_s, md, notes)
-    print(md)
-
-
-def verdict(budget: pd.DataFrame, exits: pd.DataFrame, tie: float = 0.005) -> str:
-    """The seed paper's three claims, checked on these numbers (tie = within 0.5 pp)."""
+def verdict(exits: pd.DataFrame, backbone_test: float) -> list[str]:
+    """The seed paper's ordering, measured (means over the seeds each regime has)."""
+    mean = exits.groupby(["regime", "exit"])["test_accuracy"].mean().unstack()
+    final = mean.columns.max()
+    early = [c for c in mean.columns if c != final]
     lines = []
-    if not {"joint", "disjoint", "mixed"} <= set(budget.index):
-        return "(not every regime was run)"
-    best_other = budget.loc[["joint", "disjoint"]].max()
-    ok = (budget.loc["mixed"] >= best_other - tie)
-    detail = ", ".join(f"{c}: mixed {budget.loc['mixed', c]:.3f} vs best other "
-                       f"{best_other[c]:.3f}" for c in budget.columns)
-    lines.append(f"- Mixed best or tied (within {tie * 100:.1f} pp) at every budget: "
-                 f"{'HOLDS' if ok.all() else 'DOES NOT HOLD'} ({detail}).")
-    early = [c for c in exits.columns if c not in ("final", "phase-1 backbone (final)")]
-    wins = [exits.loc["joint", c] > exits.loc["disjoint", c] for c in early]
-    detail = ", ".join(f"{c}: {exits.loc['joint', c]:.3f} vs {exits.loc['disjoint', c]:.3f}"
-                       for c in early)
-    held = "HOLDS" if all(wins) else ("PARTLY" if any(wins) else "DOES NOT HOLD")
-    lines.append(f"- Joint beats disjoint at the early exits: {held} ({detail}).")
-    d_final, d_bb = exits.loc["disjoint", "final"], exits.loc["disjoint", "phase-1 backbone (final)"]
-    lines.append(f"- Disjoint keeps the backbone's own accuracy at the final exit: "
-                 f"{'HOLDS' if abs(d_final - d_bb) < 1e-9 else 'DOES NOT HOLD'} (final "
-                 f"{d_final:.3f} = phase-1 backbone {d_bb:.3f}; joint's final exit "
-                 f"{exits.loc['joint', 'final']:.3f}, mixed's {exits.loc['mixed', 'final']:.3f}).")
-    return "\n".join(lines)
+
+    def have(*names):
+        return all(n in mean.index for n in names)
+
+    if have("mixed", "joint"):
+        d = (mean.loc["mixed", final] - mean.loc["joint", final]) * 100
+        lines.append(f"- mixed >= joint at the final exit: {'holds' if d >= 0 else 'does not hold'}"
+                     f" ({d:+.2f} points)")
+    if have("joint", "disjoint"):
+        d = (mean.loc["joint", early].mean() - mean.loc["disjoint", early].mean()) * 100
+        lines.append(f"- joint > disjoint at the early exits (mean over them): "
+                     f"{'holds' if d > 0 else 'does not hold'} ({d:+.2f} points)")
+    if have("disjoint"):
+        d = (mean.loc["disjoint", final] - backbone_test) * 100
+        lines.append(f"- disjoint keeps the backbone's final-exit accuracy: "
+                     f"{'holds' if abs(d) <= 0.01 else 'does not hold'} ({d:+.2f} points; the "
+                     "frozen backbone and its BN statistics are the stage-0 ones)")
+    return lines
 
 
-def plot(curves: dict, exits: pd.DataFrame, path: Path) -> None:
+def write(out: Path, summary: pd.DataFrame, exits: pd.DataFrame, args, bench: Bench,
+          splits) -> None:
+    import json
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
-    for regime, c in curves.items():
-        c = c.sort_values("relative_macs")
-        ax[0].plot(c["relative_macs"], c["accuracy"], label=regime)
-        e = exits[(exits["regime"] == regime) & (exits["exit"] > 0)]
-        ax[1].plot(e["relative_macs"], e["accuracy"], marker="o", label=regime)
-    for b in BUDGETS:
-        ax[0].axvline(b, color="grey", lw=0.5, ls=":")
-    ax[0].set(xlabel="expected MACs / backbone MACs", ylabel="test accuracy",
-              title="threshold sweep (test)")
-    ax[1].set(xlabel="C_k / backbone MACs", ylabel="test accuracy", title="every exit (anytime)")
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend()
-    fig.suptitle("ResNet-20 w16, 4 exits, CIFAR-10 (JPEG): joint vs disjoint vs mixed")
+    out.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(out / "summary.csv", index=False, float_format="%.6g")
+    exits.to_csv(out / "per_exit.csv", index=False, float_format="%.6g")
+    backbone = json.loads((bench.work / "backbone.json").read_text())
+    table = summary.groupby(["protocol", "regime", "budget_fraction"])["test_accuracy"] \
+        .agg(["mean", "std", "count"]).reset_index()
+    per_exit = exits.groupby(["regime", "exit", "name"])[["relative_macs", "test_accuracy"]] \
+        .mean().reset_index()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for regime, g in per_exit.groupby("regime"):
+        ax.plot(g["relative_macs"] * 100, g["test_accuracy"] * 100, marker="o", label=regime)
+    ax.set_xlabel("C_k, % of the backbone's MACs")
+    ax.set_ylabel("test accuracy of exit k, % (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(out / "regimes.png", dpi=120)
+    plt.close(fig)
+    space = regime_space(bench, args.seeds[0], "disjoint", args.epochs)
+    (out / "README.md").write_text("\n".join([
+        "# Training regimes: joint vs disjoint vs mixed, on one trained backbone",
+        "",
+        "Seed paper: Kubaty et al., \"How to train your multi-exit model?\". Script: "
+        "`benchmarks/regimes.py` (its docstring has the design).",
+        "",
+        "## Command",
+        "",
+        f"    python benchmarks/regimes.py --scale {args.scale} --work {args.work} --epochs "
+        f"{args.epochs} --seeds "
+        + " ".join(map(str, args.seeds)),
+        "",
+        f"Machine: {machine()}. Data: CIFAR-10 (JPEG), {len(splits.train):,} train / "
+        f"{len(splits.val):,} val / {len(splits.test):,} test. "
+        f"Model: `{sdn_arch(space, cost_table(space)).id}`. Stage-0 backbone: "
+        f"{backbone['epochs']} epochs, test accuracy {backbone['test_accuracy']:.4f}. Every "
+        f"regime: {backbone['epochs']} + {args.epochs} epochs in total, SGD lr {LR} cosine per "
+        f"phase, loss {space.retrain.loss}. Seeds finished per regime: "
+        + ", ".join(f"{r} {n}" for r, n in exits.groupby("regime")["seed"].nunique().items())
+        + ".",
+        "",
+        "## The seed paper's ordering",
+        "",
+        *verdict(exits, backbone["test_accuracy"]),
+        "",
+        "## Test accuracy of every exit (mean over seeds)",
+        "",
+        markdown(per_exit, digits=4),
+        "",
+        "## At a MACs budget (operating point chosen on val, test accuracy; mean, std, seeds)",
+        "",
+        markdown(table, digits=4),
+        "",
+        "Stage wall times: `" + str(bench.work / "regimes" / "timings.json") + "`.",
+        ""]))
 
 
-def readme(out: Path, args, command, splits, costs, timing, load_s, md, notes) -> None:
-    cpu = platform.processor() or platform.machine()
-    try:
-        model_name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                          if l.startswith("model name"))
-    except (OSError, StopIteration):
-        model_name = cpu
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        f"CPU only: {model_name}, {os.cpu_count()} cores, torch.set_num_threads({args.threads}); " \
-        "the machine was shared with other jobs at the time"
-    text = f"""# Training regimes: joint vs disjoint vs mixed
-
-Seed paper: Kubaty et al., "How to train your multi-exit model? Analyzing the impact of
-training strategies". Script: `benchmarks/regimes.py`.
-
-## Command
-
-    .venv/bin/python {command}
-
-(`--full` runs the full-scale version: all 50,000 train images, the 10,000 test images and 60
-epochs per regime; meant for a GPU.)
-
-## Setup
-
-- Data: CIFAR-10 (JPEG) from `../shared/data/cifar10-jpeg.tar.gz` (lossy re-encoding: numbers
-  are close to, not equal to, those on the original binaries). {len(splits.train)} train /
-  {len(splits.val)} val (held out of a {args.train_subset or 50000}-image train subset, seed 0,
-  never augmented) / {len(splits.test)} test images. Train augmentation: random crop (pad 4) +
-  horizontal flip.
-- Model: ResNet-20 (basic blocks, widths 16/32/64, 3/3/3 blocks), 4 exits: SDN-pool heads after
-  stage-0 block 1, stage-1 block 1, stage-2 block 0, and the final exit. Arch id `{ARCH}`.
-  Backbone {costs.backbone:,} MACs (fvcore, batch 1); C_k / backbone =
-  {', '.join(f'{c / costs.backbone:.3f}' for c in costs)} (heads on the way included).
-- Training: {args.epochs} epochs in total for every regime (joint: {args.epochs} x phase 2;
-  disjoint: {round(args.epochs / 2)} x phase 1 + {args.epochs - round(args.epochs / 2)} x phase 3;
-  mixed: {round(args.epochs / 2)} x phase 1 + {args.epochs - round(args.epochs / 2)} x phase 2 with re-initialised
-  heads), SGD (momentum 0.9, Nesterov, weight decay 5e-4), lr {args.lr}, cosine schedule per
-  phase, batch {args.batch_size}, loss = mean cross-entropy of all exits, seed {args.seed}.
-- Evaluation: 100 max-softmax thresholds in [0, 1] (one shared by every early exit); for each
-  budget (25/50/75/100 % of the backbone's MACs) the threshold with the best val accuracy whose
-  val expected MACs fit the budget; its test accuracy is reported. "phase-1 backbone" = test
-  accuracy of the final exit at the end of phase 1 (disjoint and mixed).
-- Machine: {device}. Data loading {load_s:.0f} s; training wall time per regime:
-  {', '.join(f'{r} {s / 60:.1f} min' for r, s in timing.items())}.
-- Sweep: {'; '.join(notes)}.
-
-## Files
-
-- `summary.csv`: regime, budget_fraction, accuracy (test), relative_macs (test expected MACs /
-  backbone), threshold, val_accuracy.
-- `per_exit.csv`: regime, exit (1-based; 0 = the phase-1 backbone's final exit), name, macs
-  (C_k), relative_macs, accuracy (test).
-- `metrics_<regime>.csv`: the per-epoch training log (phase, lr, train loss, val accuracy of
-  every exit).
-- `sweep_test.csv`: the whole test curve of each regime. `summary.md`: the tables below.
-  `regimes.png`: test accuracy vs relative MACs (sweep) and per exit.
-
-{md}"""
-    (out / "README.md").write_text(text)
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "cifar10")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "regimes")
+    p.add_argument("--epochs", type=int, default=10, help="epochs after the backbone's")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=["disjoint", "mixed", "joint"])
+    args = p.parse_args(argv)
+    bench = Bench(SCALES[args.scale], args.work.resolve())
+    if not bench.backbone.is_file() or not (bench.work / "backbone.json").is_file():
+        sys.exit(f"{bench.backbone}: no stage-0 backbone; run benchmarks/cifar10.py "
+                 "--until backbone first")
+    Sessions(bench.work / "regimes" / "sessions.json").start(epochs=args.epochs)
+    timings = Timings(bench.work / "regimes" / "timings.json")
+    splits = load_splits(regime_space(bench, args.seeds[0], "disjoint", args.epochs))
+    summary, exits = [], []
+    for regime in args.regimes:  # cheap regimes first: a stop leaves whole regimes behind
+        for seed in args.seeds:
+            stage = f"{regime} seed{seed}"
+            run_out = timings.run(stage, train, bench, seed, regime, args.epochs)
+            timings.done(stage)
+            s, e = evaluate(bench, seed, regime, args.epochs, run_out, splits)
+            summary += s
+            exits += e
+            write(args.out, pd.DataFrame(summary), pd.DataFrame(exits), args, bench, splits)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
