@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import platform
 import sys
 import time
@@ -41,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exitnas.arch import Arch  # noqa: E402
-from exitnas.data import extract_tarball, load_splits, normalize  # noqa: E402
+from benchmarks._common import cifar10_root  # noqa: E402
+from exitnas.data import load_splits, normalize  # noqa: E402
 from exitnas.export import export_run, write_export  # noqa: E402
 from exitnas.model import MultiExitModel, exits_from_logits  # noqa: E402
 from exitnas.retrain import load_retrained, retrain, retrain_dir  # noqa: E402
@@ -49,7 +49,6 @@ from exitnas.rundir import RunDir  # noqa: E402
 from exitnas.runtime import load  # noqa: E402
 from exitnas.space import load_space  # noqa: E402
 
-TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 OUT = ROOT / "results" / "runtime"
 ARCH = "d3.3.3~s0b0=linear,s0b2=linear,s1b1=linear,s2b0=linear~max_softmax=0.9,0.9,0.9,0.9"
 TARGETS = (0.25, 0.5, 0.75)
@@ -58,17 +57,10 @@ COLUMNS = ["backend", "batch", "config", "target_fraction", "threshold", "mac_ra
            "val_mac_ratio", "accuracy", "exit_fractions"]
 
 
-def cifar_root() -> Path:
-    cache = Path(os.environ.get("EXITNAS_DATA_CACHE", ROOT / ".cache" / "cifar10-jpeg"))
-    if not TARBALL.is_file() and not (cache / "test").is_dir():
-        sys.exit(f"runtime_latency: CIFAR-10 (JPEG) tarball not found at {TARBALL}")
-    return extract_tarball(TARBALL, cache)
-
-
 def prepare(args):
     """Train (once, cached), export the early-exit model and the plain backbone."""
     space = load_space(ROOT / "search_spaces" / "resnet_cifar.yaml", {
-        "data.dataset": "imagefolder", "data.root": str(cifar_root()),
+        "data.dataset": "imagefolder", "data.root": str(cifar10_root()),
         "data.train_subset": args.train_subset, "data.eval_batch_size": 500,
         "retrain.regime": "joint", "retrain.epochs": args.epochs, "retrain.optim.lr": 0.05})
     run = RunDir(args.work / "run")

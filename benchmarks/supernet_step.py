@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import cpu_model  # noqa: E402
 
 from exitnas.arch import Arch  # noqa: E402
 from exitnas.space import load_space  # noqa: E402
@@ -86,11 +87,7 @@ def main() -> None:
     df.to_csv(out / "step_time.csv", index=False, float_format="%.3f")
     md = df.to_markdown(index=False, floatfmt=".3f")
     (out / "step_time.md").write_text(md + "\n")
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
+    cpu = cpu_model()
     (out / "README.md").write_text(f"""# Supernet step time vs a plain backbone step
 
 Command: `.venv/bin/python benchmarks/supernet_step.py {' '.join(sys.argv[1:])}`
