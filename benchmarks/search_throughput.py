@@ -147,16 +147,17 @@ def scratch_loop(space, store, sampler):
     import optuna
 
     from exitnas.cost import cost_table
-    from exitnas.search import Genome, Objective, resolve_budget
+    from exitnas.search import Genome, Objective, StorageSpec, resolve_budget
     from exitnas.search._inprocess import StudyMirror
-    from exitnas.search._storage import FileLock, journal_backend
 
     costs = cost_table(space)
     objective = Objective(costs=costs, budget=resolve_budget(space, costs), caches=store)
     path = Path(tempfile.mkdtemp()) / "study.log"
-    study = optuna.create_study(storage=optuna.storages.JournalStorage(journal_backend(str(path))),
-                                directions=["maximize", "minimize"])
-    mirror = StudyMirror(study, sampler, FileLock(str(path) + ".exitnas-lock"))
+    spec = StorageSpec(journal=str(path))
+    storage = spec.connect()
+    study = optuna.create_study(storage=storage.optuna, directions=["maximize", "minimize"])
+    mirror = StudyMirror(study, sampler, spec.lock(study.study_name),
+                         others_wrote=storage.others_wrote())
     return objective, Genome(space), mirror, path
 
 

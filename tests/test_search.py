@@ -388,9 +388,8 @@ def test_three_concurrent_processes_on_one_journal_file_give_exactly_n(tiny_run)
 def test_stale_running_trials_of_dead_processes_are_failed(tmp_path):
     import optuna
 
-    from exitnas.search._run import join_session
     from exitnas.search._storage import (OWNER_KEY, SESSIONS_KEY, NullLock, fail_stale_trials,
-                                         journal_backend, owner_tag)
+                                         join_session, journal_backend, owner_tag)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.JournalStorage(journal_backend(str(tmp_path / "j.log")))

@@ -24,18 +24,22 @@ import uuid
 import optuna
 from optuna.trial import TrialState
 
-from ._objective import DIRECTIONS, Objective
-from ._storage import UID_KEY, write_counter
+from ._backend import Backend, BackendResult, SearchContext, register_backend
+from ._objective import DIRECTIONS, CacheStore, Fitter, Objective
+from ._sampler import make_sampler, session_seed
+from ._storage import UID_KEY, fail_stale_trials, join_session
 
 
 class StudyMirror:
-    """In-memory copy of the persistent study's complete trials, for the sampler."""
+    """In-memory copy of the persistent study's complete trials, for the sampler.
+    ``others_wrote``: :meth:`~exitnas.search._storage.OpenedStorage.others_wrote` of the
+    storage ``study`` is on."""
 
-    def __init__(self, study, sampler, lock) -> None:
+    def __init__(self, study, sampler, lock, *, others_wrote=None) -> None:
         self.study, self.lock = study, lock
         # bytes other processes wrote to a journal file: unchanged since the last pull means
         # nothing new to read, which saves reading the whole study (O(n)) on every commit
-        self._others = write_counter(study._storage)
+        self._others = others_wrote
         self._others_seen = None
         self.memory = optuna.create_study(directions=list(DIRECTIONS), sampler=sampler)
         self._scan = 0             # storage trials before this index are finished and seen
@@ -60,9 +64,9 @@ class StudyMirror:
                 self._prefix_complete += t.state == TrialState.COMPLETE
             elif t.state == TrialState.COMPLETE:
                 tail_complete += 1
-            if t._trial_id in self._seen:
+            if t.number in self._seen:
                 continue
-            self._seen.add(t._trial_id)
+            self._seen.add(t.number)
             if t.state == TrialState.COMPLETE and t.system_attrs.get(UID_KEY) not in self._mine:
                 self.memory.add_trial(t)
         self.complete = self._prefix_complete + tail_complete
@@ -83,11 +87,36 @@ class StudyMirror:
         return True
 
 
+@register_backend("optuna")
+class InProcessBackend(Backend):
+    """Optuna's sampler in this process, scoring from the run's cached exit statistics."""
+
+    def run(self, ctx: SearchContext) -> BackendResult:
+        from ..data import load_splits
+        from ..supernet import Supernet
+
+        session = join_session(ctx.study, ctx.lock)
+        failed = fail_stale_trials(ctx.study)
+        net = Supernet(ctx.space).load(ctx.weights)
+        caches = CacheStore(run_dir=ctx.run, net=net, splits=load_splits(ctx.space))
+        objective = Objective(costs=ctx.costs, budget=ctx.budget, caches=caches,
+                              fitter=Fitter.from_space(ctx.space, ctx.budget))
+        sampler = make_sampler(ctx.sampler, seed=session_seed(ctx.seed, session),
+                               population_size=ctx.population)
+        start = time.perf_counter()
+        committed = run_inprocess(study=ctx.study, lock=ctx.lock, objective=objective,
+                                  genome=ctx.genome, sampler=sampler, n_trials=ctx.n_trials,
+                                  others_wrote=ctx.storage.others_wrote(), log=ctx.log)
+        return BackendResult(committed=committed, loop_seconds=time.perf_counter() - start,
+                             info={"cache": caches.stats(), "session": session,
+                                   "stale_failed": failed})
+
+
 def run_inprocess(*, study, lock, objective: Objective, genome, sampler, n_trials: int,
-                  log=sys.stderr) -> int:
+                  others_wrote=None, log=sys.stderr) -> int:
     """Run trials until the study has ``n_trials`` COMPLETE trials; returns how many this
     process committed."""
-    mirror = StudyMirror(study, sampler, lock)
+    mirror = StudyMirror(study, sampler, lock, others_wrote=others_wrote)
     with lock:
         mirror.pull()
     committed, start, last = 0, time.perf_counter(), time.perf_counter()

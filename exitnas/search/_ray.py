@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,14 @@ from typing import Any
 
 from ..errors import RunDirError
 from ..io import atomic_write_json
+from ._backend import Backend, BackendResult, SearchContext, register_backend
+from ._internals import (adopt_trial, local_ray_init_kwargs, refresh_ray_config,
+                         searcher_completed, searcher_study, searcher_trials,
+                         set_searcher_completed, set_searcher_trials, set_trial_system_attr,
+                         trial_id)
 from ._objective import DIRECTIONS, METRIC_NAMES, CacheStore, Fitter, Objective, TrialRecord
-from ._storage import OWNER_KEY, fail_stale_trials, owner_tag
+from ._sampler import make_sampler, session_seed
+from ._storage import OWNER_KEY, fail_stale_trials, join_session, owner_tag
 from ._trust import read_state, trusted_experiment
 
 RESULT_KEY = "exitnas_record"
@@ -148,7 +153,7 @@ def _trial(config: dict, context: _WorkerContext) -> None:
 
 # ---- the searcher ----------------------------------------------------------------------------
 def _searcher_class():
-    from optuna.trial import Trial, TrialState
+    from optuna.trial import TrialState
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
@@ -163,53 +168,53 @@ def _searcher_class():
                              **kwargs)
 
         def _states(self) -> dict[int, TrialState]:
-            storage = self._ot_study._storage
-            return {t._trial_id: t.state
-                    for t in storage.get_all_trials(self._ot_study._study_id, deepcopy=False)}
+            return {trial_id(t): t.state
+                    for t in searcher_study(self).get_trials(deepcopy=False)}
 
-        def suggest(self, trial_id: str):
-            if trial_id not in self._ot_trials:
+        def suggest(self, tune_id: str):
+            asked = searcher_trials(self)
+            if tune_id not in asked:
                 states = self._states()
                 complete = sum(s == TrialState.COMPLETE for s in states.values())
-                running = sum(states.get(t._trial_id) == TrialState.RUNNING
-                              for tid, t in self._ot_trials.items())
+                running = sum(states.get(trial_id(t)) == TrialState.RUNNING
+                              for t in asked.values())
                 if complete + running >= self._target:
                     return Searcher.FINISHED
-            config = super().suggest(trial_id)
-            ot = self._ot_trials[trial_id]
-            ot.storage.set_trial_system_attr(ot._trial_id, OWNER_KEY, owner_tag())
+            config = super().suggest(tune_id)
+            set_trial_system_attr(searcher_trials(self)[tune_id], OWNER_KEY, owner_tag())
             return config
 
-        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-            ot = self._ot_trials.get(trial_id)
+        def on_trial_complete(self, tune_id: str, result=None, error: bool = False) -> None:
+            ot = searcher_trials(self).get(tune_id)
             if ot is None:  # re-run after a restore, its Optuna trial had already finished
-                self._completed_trials.add(trial_id)
+                searcher_completed(self).add(tune_id)
                 return
-            if ot is not None and result and not error and RESULT_KEY in result:
+            if result and not error and RESULT_KEY in result:
                 data = json.loads(result[RESULT_KEY])
-                if ot.storage.get_trial(ot._trial_id).state == TrialState.RUNNING:
+                if ot.storage.get_trial(trial_id(ot)).state == TrialState.RUNNING:
                     TrialRecord.from_json(data).apply(ot)
                     ot.set_user_attr("worker", data["worker"])
-            super().on_trial_complete(trial_id, result, error)
+            super().on_trial_complete(tune_id, result, error)
 
         def save(self, checkpoint_path: str) -> None:
-            state = {"trials": {tid: t._trial_id for tid, t in self._ot_trials.items()},
-                     "completed": sorted(self._completed_trials)}
+            state = {"trials": {tid: trial_id(t) for tid, t in searcher_trials(self).items()},
+                     "completed": sorted(searcher_completed(self))}
             Path(checkpoint_path).write_text(json.dumps(state))
 
         def restore(self, checkpoint_path: str) -> None:
             state = json.loads(Path(checkpoint_path).read_text())
             states = self._states()
+            study = searcher_study(self)
             # Only RUNNING trials are adopted: a Tune trial re-run after its Optuna trial
             # finished (the driver died between tell and checkpoint) is not told twice.
-            self._ot_trials = {tid: Trial(self._ot_study, ot_id)
-                               for tid, ot_id in state["trials"].items()
-                               if states.get(ot_id) == TrialState.RUNNING}
-            self._completed_trials = set(state["completed"])
-            fail_stale_trials(self._ot_study, keep={t.number for t in self._ot_trials.values()})
+            adopted = {tid: adopt_trial(study, ot_id) for tid, ot_id in state["trials"].items()
+                       if states.get(ot_id) == TrialState.RUNNING}
+            set_searcher_trials(self, adopted)
+            set_searcher_completed(self, set(state["completed"]))
+            fail_stale_trials(study, keep={t.number for t in adopted.values()})
             tag = owner_tag()
-            for t in self._ot_trials.values():
-                t.storage.set_trial_system_attr(t._trial_id, OWNER_KEY, tag)
+            for t in adopted.values():
+                set_trial_system_attr(t, OWNER_KEY, tag)
 
     return StudySearch
 
@@ -233,7 +238,7 @@ def _init_ray(address: str | None, workers: int, log) -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     if not address:  # a private local instance, even if a cluster runs on this machine
-        ray.init(address="local", num_cpus=workers, _node_ip_address="127.0.0.1", **kwargs)
+        ray.init(address="local", num_cpus=workers, **local_ray_init_kwargs(), **kwargs)
         return
     mode = _cluster_auth_mode(log)
     try:
@@ -262,17 +267,8 @@ def _cluster_auth_mode(log) -> str:
         return "disabled"
     if mode is None:
         os.environ[AUTH_MODE_ENV] = "token"
-        if "ray._raylet" in sys.modules:  # Ray caches its config: refresh it, as ray.init does
-            from ray._raylet import Config
-
-            Config.initialize("")
+        refresh_ray_config()  # Ray caches its config: refresh it, as ray.init does
     return "token"
-
-
-def _load_study(spec, name: str):
-    import optuna
-
-    return optuna.load_study(study_name=name, storage=spec.open())
 
 
 def _count_complete(study) -> int:
@@ -281,70 +277,91 @@ def _count_complete(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def run_ray(*, run, space, spec, study_name, costs, budget, genome, sampler_kind, seed,
-            population, n_trials, workers, address, weights, log=sys.stderr) -> dict:
-    """Run Ray Tune trials until the study holds ``n_trials`` complete trials."""
-    from ._run import join_session
-    from ._sampler import make_sampler, session_seed
-
-    exp_root = (run.path / "search" / "ray").resolve()
-    state_path = exp_root / "state.json"
+def _resume_folder(ctx: SearchContext, state_path: Path, before: int) -> Path | None:
+    """The Tune experiment to restore, checked before Ray is even imported (a refused run
+    directory starts nothing); None for a fresh search."""
     state = read_state(state_path)
-    study = _load_study(spec, study_name)
-    before = _count_complete(study)
-    resume = None  # checked before Ray is even imported: a refused run directory starts nothing
-    if state.get("study") == study_name and state.get("target") == n_trials and before < n_trials:
-        folder = trusted_experiment(run.path, state_path, state.get("experiment"))
-        resume = folder if (folder / "tuner.pkl").is_file() else None  # = Tuner.can_restore
-    ray = _ray()
+    if (state.get("study") == ctx.study_name and state.get("target") == ctx.n_trials
+            and before < ctx.n_trials):
+        folder = trusted_experiment(ctx.run.path, state_path, state.get("experiment"))
+        return folder if (folder / "tuner.pkl").is_file() else None  # = Tuner.can_restore
+    return None
+
+
+def _trainable(ctx: SearchContext):
+    """The Tune trainable, with the cache actor pinned to this (the driver's) node."""
+    import ray
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    umask = os.umask(0)
-    os.umask(umask | 0o022)  # what this driver writes is writable by its owner only
-    restored, rounds = False, 0
-    try:
-        _init_ray(address, workers, log)
-        start = time.perf_counter()
-        node = ray.get_runtime_context().get_node_id()
-        server = ray.remote(_CacheServerImpl).options(
-            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
-        ).remote(space.to_dict(), str(run.path.resolve()), Path(weights).read_bytes())
-        context = _WorkerContext(key=f"{study_name}:{os.getpid()}:{time.time()}", genome=genome,
-                                 costs=costs, budget=budget, server=server)
-        trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": 1})
-        if resume is not None:
-            print(f"search: resuming Ray Tune experiment {resume}", file=log, flush=True)
-            join_session(study, spec.lock(study_name))  # before the searcher judges stale trials
-            tune.Tuner.restore(str(resume), trainable=trainable, resume_unfinished=True,
-                               resume_errored=True).fit()
-            restored = True
-        StudySearch = _searcher_class()
-        while _count_complete(study) < n_trials and rounds < TOP_UP_ROUNDS:
-            rounds += 1
-            session = join_session(study, spec.lock(study_name))
-            fail_stale_trials(study)
-            name = f"tune-{session}"
-            atomic_write_json(state_path, {"experiment": name, "study": study_name,
-                                           "target": n_trials})
-            sampler = make_sampler(sampler_kind, seed=session_seed(seed, session),
-                                   population_size=population)
-            searcher = StudySearch(genome=genome, target=n_trials, storage=spec.open(),
-                                   study_name=study_name, sampler=sampler)
-            tune_config = tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers),
-                num_samples=n_trials - _count_complete(study), reuse_actors=True)
-            run_config = tune.RunConfig(
-                name=name, storage_path=str(exp_root), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=MAX_FAILURES))
-            tune.Tuner(trainable, tune_config=tune_config, run_config=run_config).fit()
-        loop_seconds = time.perf_counter() - start
-        stats = ray.get(server.stats.remote())
-        nodes = len({n["NodeID"] for n in ray.nodes() if n["Alive"]})
-    finally:
-        ray.shutdown()
-        os.umask(umask)
-    after = _count_complete(study)
-    return {"committed": after - before, "loop_seconds": loop_seconds, "cache": stats,
-            "ray_restored": restored, "ray_rounds": rounds, "ray_nodes": nodes}
+    node = ray.get_runtime_context().get_node_id()
+    server = ray.remote(_CacheServerImpl).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+    ).remote(ctx.space.to_dict(), str(ctx.run.path.resolve()), Path(ctx.weights).read_bytes())
+    context = _WorkerContext(key=f"{ctx.study_name}:{os.getpid()}:{time.time()}",
+                             genome=ctx.genome, costs=ctx.costs, budget=ctx.budget, server=server)
+    return tune.with_resources(tune.with_parameters(_trial, context=context), {"cpu": 1}), server
+
+
+def _tune_round(ctx: SearchContext, trainable, exp_root: Path, state_path: Path) -> None:
+    """One fresh Tuner that runs trials until the study holds N complete (or fails)."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    session = join_session(ctx.study, ctx.lock)
+    fail_stale_trials(ctx.study)
+    name = f"tune-{session}"
+    atomic_write_json(state_path, {"experiment": name, "study": ctx.study_name,
+                                   "target": ctx.n_trials})
+    sampler = make_sampler(ctx.sampler, seed=session_seed(ctx.seed, session),
+                           population_size=ctx.population)
+    searcher = _searcher_class()(genome=ctx.genome, target=ctx.n_trials,
+                                 storage=ctx.storage.optuna, study_name=ctx.study_name,
+                                 sampler=sampler)
+    tune_config = tune.TuneConfig(
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=ctx.workers),
+        num_samples=ctx.n_trials - _count_complete(ctx.study), reuse_actors=True)
+    run_config = tune.RunConfig(
+        name=name, storage_path=str(exp_root), verbose=0,
+        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES))
+    tune.Tuner(trainable, tune_config=tune_config, run_config=run_config).fit()
+
+
+@register_backend("ray")
+class RayBackend(Backend):
+    """Ray Tune trials (a local instance, or the cluster at ``ctx.address``)."""
+
+    def run(self, ctx: SearchContext) -> BackendResult:
+        exp_root = (ctx.run.path / "search" / "ray").resolve()
+        state_path = exp_root / "state.json"
+        before = _count_complete(ctx.study)
+        resume = _resume_folder(ctx, state_path, before)
+        ray = _ray()
+        from ray import tune
+
+        umask = os.umask(0)
+        os.umask(umask | 0o022)  # what this driver writes is writable by its owner only
+        restored, rounds = False, 0
+        try:
+            _init_ray(ctx.address, ctx.workers, ctx.log)
+            start = time.perf_counter()
+            trainable, server = _trainable(ctx)
+            if resume is not None:
+                print(f"search: resuming Ray Tune experiment {resume}", file=ctx.log, flush=True)
+                join_session(ctx.study, ctx.lock)  # before the searcher judges stale trials
+                tune.Tuner.restore(str(resume), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True).fit()
+                restored = True
+            while _count_complete(ctx.study) < ctx.n_trials and rounds < TOP_UP_ROUNDS:
+                rounds += 1
+                _tune_round(ctx, trainable, exp_root, state_path)
+            loop_seconds = time.perf_counter() - start
+            stats = ray.get(server.stats.remote())
+            nodes = len({n["NodeID"] for n in ray.nodes() if n["Alive"]})
+        finally:
+            ray.shutdown()
+            os.umask(umask)
+        return BackendResult(committed=_count_complete(ctx.study) - before,
+                             loop_seconds=loop_seconds,
+                             info={"cache": stats, "ray_restored": restored,
+                                   "ray_rounds": rounds, "ray_nodes": nodes})

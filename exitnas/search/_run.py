@@ -3,9 +3,11 @@
     result = run_search("runs/quick", SearchOptions(trials=200, budget="0.6"))
     result.front[0]["arch_id"], result.hypervolume
 
-Order of work: read the run's space and budget (bad input fails here, before anything is
-written), load the trained supernet, open (or create) the study, mark RUNNING trials of dead
-processes FAIL, run the backend until the study holds N complete trials, write the front.
+Order of work (:func:`search_context`): read the run's space and budget, check the trained
+supernet's weights (bad input fails here, before anything is written), open the storage and
+open (or create) the study; then the chosen backend (:mod:`._backend`) gets that one context,
+marks RUNNING trials of dead processes FAIL and runs until the study holds N complete trials;
+last, the front is written.
 """
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ from ..cost import cost_table
 from ..errors import RunDirError
 from ..io import atomic_write_json
 from ..rundir import RunDir
-from ._budget import Budget, resolve_budget
+from ._backend import BACKENDS, SearchContext
+from ._budget import resolve_budget
 from ._front import FrontSummary, write_outputs
 from ._genome import Genome
 from ._objective import DIRECTIONS, METRIC_NAMES
-from ._sampler import SAMPLERS, session_seed
-from ._storage import (SESSIONS_KEY, StorageSpec, fail_stale_trials, owner_tag, record_study,
-                       resolve_study, sync_storage)
+from ._sampler import SAMPLERS
+from ._storage import OpenedStorage, record_study, resolve_study
+from . import _inprocess, _ray  # noqa: F401,E402  (importing them registers the shipped backends)
 
 WEIGHTS = "supernet/weights.safetensors"
 
@@ -82,20 +85,21 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def open_study(spec: StorageSpec, name: str, *, identity: dict):
+def open_study(storage: OpenedStorage, name: str, *, identity: dict):
     """Create or load the study; refuse one made for another space, supernet or budget."""
     import optuna
 
-    storage = spec.open()
+    where = storage.spec.display
     try:  # load first: create_study(load_if_exists=True) appends to a journal even when the
         # study exists, so a run refused below would still have changed the storage
-        study = optuna.load_study(storage=storage, study_name=name,
+        study = optuna.load_study(storage=storage.optuna, study_name=name,
                                   sampler=optuna.samplers.RandomSampler())
     except KeyError:
-        study = optuna.create_study(storage=storage, study_name=name, directions=list(DIRECTIONS),
-                                    load_if_exists=True, sampler=optuna.samplers.RandomSampler())
+        study = optuna.create_study(storage=storage.optuna, study_name=name,
+                                    directions=list(DIRECTIONS), load_if_exists=True,
+                                    sampler=optuna.samplers.RandomSampler())
     if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
-        raise RunDirError(f"study {name!r} in {spec.display} has directions "
+        raise RunDirError(f"study {name!r} in {where} has directions "
                           f"{[d.name for d in study.directions]}, not an exitnas study")
     old = study.user_attrs.get("exitnas")
     if old is None:
@@ -106,7 +110,7 @@ def open_study(spec: StorageSpec, name: str, *, identity: dict):
                           ("budget", "budget")):
             if old.get(key) != identity[key]:
                 raise RunDirError(
-                    f"study {name!r} in {spec.display} was run with another {what} "
+                    f"study {name!r} in {where} was run with another {what} "
                     f"({_short(old.get(key))}, now {_short(identity[key])}); "
                     "pass --study-name NEW to start a separate study")
     return study
@@ -120,15 +124,6 @@ def _short(value) -> str:
     return json.dumps(value)
 
 
-def join_session(study, lock) -> int:
-    """Register this process with ``study`` (``exitnas:sessions``: the owner tags of every
-    process that joined, see ``fail_stale_trials``); returns its index (seeds its sampler)."""
-    with lock:
-        tags = list(study.user_attrs.get(SESSIONS_KEY, []))
-        study.set_user_attr(SESSIONS_KEY, tags + [owner_tag()])
-    return len(tags)
-
-
 def quiet_optuna() -> None:
     """Optuna logs every study creation at INFO and warns on experimental features."""
     import warnings
@@ -139,26 +134,22 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def run_search(run_dir, options: SearchOptions = SearchOptions(), *, log=sys.stderr) -> SearchResult:
-    """Search until the run's study holds ``options.trials`` complete trials (continuing what
-    an earlier or concurrent process did), then write the front to ``RUN/search``. Progress
-    lines go to ``log`` (None: quiet)."""
-    quiet_optuna()
+def search_context(run_dir, options: SearchOptions = SearchOptions(), *,
+                   log=sys.stderr) -> SearchContext:
+    """Resolve ``options`` against the run's space, check the budget and the supernet, open
+    the storage and the study (bad input fails here, before anything is written)."""
     run = RunDir(run_dir)
     space = run.space()
     cfg = space.search
     trials = options.trials or cfg.trials
     backend = options.backend or cfg.backend
-    sampler_kind = options.sampler or cfg.sampler
-    seed = cfg.seed if options.seed is None else options.seed
-    workers = options.workers or cfg.workers
-    population = options.population or cfg.population_size
+    sampler = options.sampler or cfg.sampler
     if trials < 1:
         raise RunDirError(f"--trials {trials}: must be >= 1")
-    if backend not in ("optuna", "ray"):
-        raise RunDirError(f"--backend {backend!r}: expected optuna or ray")
-    if sampler_kind not in SAMPLERS:
-        raise RunDirError(f"--sampler {sampler_kind!r}: expected one of {', '.join(SAMPLERS)}")
+    if backend not in BACKENDS:
+        raise RunDirError(f"--backend {backend!r}: expected {' or '.join(BACKENDS)}")
+    if sampler not in SAMPLERS:
+        raise RunDirError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     costs = cost_table(space)
     budget = resolve_budget(space, costs, budget=options.budget, path_budget=options.path_budget)
     weights = weights_path(run)
@@ -169,58 +160,37 @@ def run_search(run_dir, options: SearchOptions = SearchOptions(), *, log=sys.std
     identity = {"space": space.name, "fingerprint": space.fingerprint,
                 "weights": file_digest(weights), "budget": budget.to_json(),
                 "thresholds": cfg.thresholds}
-    study = open_study(spec, name, identity=identity)
+    storage = spec.connect()
+    study = open_study(storage, name, identity=identity)
     record_study(run, spec, name)
-    lock = spec.lock(name)
-    genome = Genome(space)
-    start = time.perf_counter()
-    extra: dict = {}
-    if backend == "ray":
-        from ._ray import run_ray
+    return SearchContext(
+        run=run, space=space, costs=costs, budget=budget, genome=Genome(space), weights=weights,
+        storage=storage, study=study, study_name=name, lock=spec.lock(name), backend=backend,
+        sampler=sampler, seed=cfg.seed if options.seed is None else options.seed,
+        population=options.population or cfg.population_size, n_trials=trials,
+        workers=options.workers or cfg.workers, address=options.address, log=log)
 
-        extra = run_ray(run=run, space=space, spec=spec, study_name=name, costs=costs,
-                        budget=budget, genome=genome, sampler_kind=sampler_kind, seed=seed,
-                        population=population, n_trials=trials, workers=workers,
-                        address=options.address, weights=weights, log=log)
-        committed = extra.pop("committed")
-    else:
-        committed, extra = _run_local(run=run, space=space, study=study, lock=lock, costs=costs,
-                                      budget=budget, genome=genome, sampler_kind=sampler_kind,
-                                      seed=seed, population=population, n_trials=trials,
-                                      weights=weights, log=log)
+
+def run_search(run_dir, options: SearchOptions = SearchOptions(), *, log=sys.stderr) -> SearchResult:
+    """Search until the run's study holds ``options.trials`` complete trials (continuing what
+    an earlier or concurrent process did), then write the front to ``RUN/search``. Progress
+    lines go to ``log`` (None: quiet)."""
+    quiet_optuna()
+    ctx = search_context(run_dir, options, log=log)
+    start = time.perf_counter()
+    outcome = BACKENDS[ctx.backend]().run(ctx)
     seconds = time.perf_counter() - start
-    sync_storage(study._storage)
-    summary: FrontSummary = write_outputs(run.path / "search", study, budget, study_name=name,
-                                          storage=spec.display)
-    info = {"backend": backend, "sampler": sampler_kind, "seed": seed, "storage": spec.display,
-            "study": name, "trials_target": trials, "trials_complete": summary.trials,
-            "committed_by_this_process": committed, "seconds": seconds,
-            "trials_per_s": committed / extra["loop_seconds"] if extra.get("loop_seconds") else None,
-            "front_size": len(summary.front), "hypervolume": summary.hypervolume,
-            "reference_point": summary.reference, **extra}
-    atomic_write_json(run.path / "search" / "summary.json", info)
-    return SearchResult(study_name=name, storage=spec.display, trials=summary.trials,
+    ctx.storage.sync()
+    display = ctx.storage.spec.display
+    summary: FrontSummary = write_outputs(ctx.run.path / "search", ctx.study, ctx.budget,
+                                          study_name=ctx.study_name, storage=display)
+    rate = outcome.committed / outcome.loop_seconds if outcome.loop_seconds else None
+    info = {"backend": ctx.backend, "sampler": ctx.sampler, "seed": ctx.seed, "storage": display,
+            "study": ctx.study_name, "trials_target": ctx.n_trials,
+            "trials_complete": summary.trials, "committed_by_this_process": outcome.committed,
+            "seconds": seconds, "trials_per_s": rate, "front_size": len(summary.front),
+            "hypervolume": summary.hypervolume, "reference_point": summary.reference,
+            "loop_seconds": outcome.loop_seconds, **outcome.info}
+    atomic_write_json(ctx.run.path / "search" / "summary.json", info)
+    return SearchResult(study_name=ctx.study_name, storage=display, trials=summary.trials,
                         front=summary.front, hypervolume=summary.hypervolume, summary=info)
-
-
-def _run_local(*, run, space, study, lock, costs, budget: Budget, genome, sampler_kind, seed,
-               population, n_trials, weights, log) -> tuple[int, dict]:
-    from ..data import load_splits
-    from ..supernet import Supernet
-    from ._inprocess import run_inprocess
-    from ._objective import CacheStore, Fitter, Objective
-    from ._sampler import make_sampler
-
-    session = join_session(study, lock)
-    failed = fail_stale_trials(study)
-    net = Supernet(space).load(weights)
-    caches = CacheStore(run_dir=run, net=net, splits=load_splits(space))
-    objective = Objective(costs=costs, budget=budget, caches=caches,
-                          fitter=Fitter.from_space(space, budget))
-    sampler = make_sampler(sampler_kind, seed=session_seed(seed, session),
-                           population_size=population)
-    start = time.perf_counter()
-    committed = run_inprocess(study=study, lock=lock, objective=objective, genome=genome,
-                              sampler=sampler, n_trials=n_trials, log=log)
-    return committed, {"loop_seconds": time.perf_counter() - start, "cache": caches.stats(),
-                       "session": session, "stale_failed": failed}

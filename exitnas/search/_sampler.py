@@ -1,7 +1,14 @@
 """Samplers: NSGA-II (default) or uniform random search (for baselines)."""
 from __future__ import annotations
 
-from functools import lru_cache
+from collections import defaultdict
+
+import optuna
+from optuna.samplers import NSGAIISampler
+from optuna.trial import TrialState
+
+from ._internals import (generation_key, parent_cache_key_prefix, share_ga_keys, study_id,
+                         study_storage, trial_id)
 
 SAMPLERS = ("nsga2", "random")
 
@@ -9,10 +16,8 @@ SAMPLERS = ("nsga2", "random")
 def make_sampler(kind: str, *, seed: int, population_size: int):
     """A fresh Optuna sampler. NSGA-II's constrained domination uses the trials'
     ``set_constraint`` values (feasible first, then the smaller total violation)."""
-    import optuna
-
     if kind == "nsga2":
-        return _indexed_nsga2()(population_size=population_size, seed=seed)
+        return IndexedNSGAIISampler(population_size=population_size, seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {kind!r} (known: {', '.join(SAMPLERS)})")
@@ -25,75 +30,70 @@ def session_seed(seed: int, session: int) -> int:
     return seed if session == 0 else (seed * 1_000_003 + session * 7_919) % (2**31 - 1)
 
 
-@lru_cache(maxsize=None)
-def _indexed_nsga2():
-    from collections import defaultdict
+class IndexedNSGAIISampler(NSGAIISampler):
+    """Optuna's NSGA-II, same samples, without its per-ask scans of the whole study.
 
-    from optuna.samplers import NSGAIISampler
-    from optuna.trial import TrialState
+    ``get_trial_generation``, ``get_population`` and ``get_parent_population`` each walk
+    every trial of the study on every ask (O(n) per trial: the search ran at half speed
+    by 2,000 trials, profiled). Here complete trials are indexed by generation and id as
+    they appear; the index covers the finished prefix of the study's trials and falls
+    back to Optuna's own scan when a finished trial follows an unfinished one.
 
-    class IndexedNSGAIISampler(NSGAIISampler):
-        """Optuna's NSGA-II, same samples, without its per-ask scans of the whole study.
+    ``benchmarks/search_throughput.py --phases sampler`` times it against Optuna's own
+    ``NSGAIISampler`` side by side; keep it only while it is faster at 200-1,000 trials."""
 
-        ``get_trial_generation``, ``get_population`` and ``get_parent_population`` each walk
-        every trial of the study on every ask (O(n) per trial: the search ran at half speed
-        by 2,000 trials, profiled). Here complete trials are indexed by generation and id as
-        they appear; the index covers the finished prefix of the study's trials and falls
-        back to Optuna's own scan when a finished trial follows an unfinished one."""
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._index: dict[int, dict] = {}
 
-        def __init__(self, **kwargs) -> None:
-            super().__init__(**kwargs)
-            self._index: dict[int, dict] = {}
+    def _indexed(self, study) -> dict | None:
+        ix = self._index.setdefault(study_id(study), {"n": 0, "gen": defaultdict(list),
+                                                      "id": {}})
+        trials = study.get_trials(deepcopy=False)
+        key = generation_key(self)
+        n = ix["n"]
+        while n < len(trials) and trials[n].state.is_finished():
+            t = trials[n]
+            if t.state == TrialState.COMPLETE:
+                ix["gen"][t.system_attrs.get(key, -1)].append(t)
+                ix["id"][trial_id(t)] = t
+            n += 1
+        ix["n"] = n
+        if any(t.state.is_finished() for t in trials[n + 1:]):
+            return None  # a finished trial behind a running one: not a prefix any more
+        return ix
 
-        def _indexed(self, study) -> dict | None:
-            ix = self._index.setdefault(study._study_id, {"n": 0, "gen": defaultdict(list),
-                                                          "id": {}})
-            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
-            key = self._get_generation_key()
-            n = ix["n"]
-            while n < len(trials) and trials[n].state.is_finished():
-                t = trials[n]
-                if t.state == TrialState.COMPLETE:
-                    ix["gen"][t.system_attrs.get(key, -1)].append(t)
-                    ix["id"][t._trial_id] = t
-                n += 1
-            ix["n"] = n
-            if any(t.state.is_finished() for t in trials[n + 1:]):
-                return None  # a finished trial behind a running one: not a prefix any more
-            return ix
-
-        def get_trial_generation(self, study, trial) -> int:
-            generation = trial.system_attrs.get(self._get_generation_key(), None)
-            if generation is not None:
-                return generation
-            ix = self._indexed(study)
-            if ix is None:
-                return super().get_trial_generation(study, trial)
-            top = max((g for g, ts in ix["gen"].items() if g >= 0 and ts), default=0)
-            generation = top + (len(ix["gen"].get(top, ())) >= self._population_size)
-            study._storage.set_trial_system_attr(trial._trial_id, self._get_generation_key(),
-                                                 generation)
+    def get_trial_generation(self, study, trial) -> int:
+        generation = trial.system_attrs.get(generation_key(self), None)
+        if generation is not None:
             return generation
+        ix = self._indexed(study)
+        if ix is None:
+            return super().get_trial_generation(study, trial)
+        top = max((g for g, ts in ix["gen"].items() if g >= 0 and ts), default=0)
+        generation = top + (len(ix["gen"].get(top, ())) >= self.population_size)
+        study_storage(study).set_trial_system_attr(trial_id(trial), generation_key(self),
+                                                   generation)
+        return generation
 
-        def get_population(self, study, generation: int):
-            ix = self._indexed(study)
-            if ix is None:
-                return super().get_population(study, generation)
-            return list(ix["gen"].get(generation, ()))
+    def get_population(self, study, generation: int):
+        ix = self._indexed(study)
+        if ix is None:
+            return super().get_population(study, generation)
+        return list(ix["gen"].get(generation, ()))
 
-        def get_parent_population(self, study, generation: int):
-            if generation == 0:
-                return []
-            key = self._get_parent_cache_key_prefix() + str(generation)
-            cached = study._storage.get_study_system_attrs(study._study_id).get(key)
-            ix = self._indexed(study) if cached is not None else None
-            if ix is None or any(i not in ix["id"] for i in cached):
-                return super().get_parent_population(study, generation)
-            wanted = set(cached)  # in study order, as Optuna returns them
-            return [t for t in (ix["id"][i] for i in sorted(wanted))]
+    def get_parent_population(self, study, generation: int):
+        if generation == 0:
+            return []
+        key = parent_cache_key_prefix(self) + str(generation)
+        cached = study_storage(study).get_study_system_attrs(study_id(study)).get(key)
+        ix = self._indexed(study) if cached is not None else None
+        if ix is None or any(i not in ix["id"] for i in cached):
+            return super().get_parent_population(study, generation)
+        wanted = set(cached)  # in study order, as Optuna returns them
+        return [t for t in (ix["id"][i] for i in sorted(wanted))]
 
-    # the study stays readable by Optuna's own NSGAIISampler: its attribute keys, not ones
-    # named after this class (which __init_subclass__ would derive)
-    IndexedNSGAIISampler._GENERATION_KEY = NSGAIISampler._GENERATION_KEY
-    IndexedNSGAIISampler._PARENT_CACHE_KEY_PREFIX = NSGAIISampler._PARENT_CACHE_KEY_PREFIX
-    return IndexedNSGAIISampler
+
+# the study stays readable by Optuna's own NSGAIISampler: its attribute keys, not ones named
+# after this class (which __init_subclass__ would derive)
+share_ga_keys(IndexedNSGAIISampler, NSGAIISampler)

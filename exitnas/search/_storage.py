@@ -1,4 +1,4 @@
-"""Where the study lives, and the locks that keep "exactly N trials" exact.
+"""Where the study lives, the locks that keep "exactly N trials" exact, and who owns a trial.
 
 Default: an Optuna journal file, ``RUN/search/study.log`` (``JournalStorage`` +
 ``JournalFileBackend``). Measured here, 200 NSGA-II trials cost ~0.6 s in a journal file and
@@ -15,6 +15,9 @@ Commit lock: a process commits a finished trial only while holding a lock, after
 study still has fewer than N complete trials. Journal files and SQLite use ``flock`` on a file
 next to the storage; PostgreSQL uses a session advisory lock. Other databases get no lock and
 concurrent processes may then overshoot N by up to (processes - 1).
+
+A search opens its storage once (:meth:`StorageSpec.connect`, an :class:`OpenedStorage`) and
+passes that on; nothing reads the storage back out of a study.
 """
 from __future__ import annotations
 
@@ -23,12 +26,13 @@ import hashlib
 import json
 import os
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from ..errors import RunDirError
 from ..io import atomic_write_json
+from ._internals import JournalBackend
 
 ENV_STORAGE = "EXITNAS_STORAGE"
 OWNER_KEY = "exitnas:owner"
@@ -57,12 +61,18 @@ class StorageSpec:
 
     def open(self):
         """The Optuna storage object."""
+        return self.connect().optuna
+
+    def connect(self) -> OpenedStorage:
+        """Open the storage (the search passes the result on; nothing fishes it out of a
+        study later)."""
         import optuna
 
         if self.journal:
             Path(self.journal).parent.mkdir(parents=True, exist_ok=True)
             try:  # Optuna replays the whole file here; a damaged one fails in many ways
-                return optuna.storages.JournalStorage(journal_backend(self.journal))
+                backend = journal_backend(self.journal)
+                return OpenedStorage(self, optuna.storages.JournalStorage(backend), backend)
             except (ValueError, KeyError, TypeError, IndexError, AttributeError,
                     AssertionError) as err:
                 raise RunDirError(f"{self.journal}: not a readable Optuna journal "
@@ -74,7 +84,7 @@ class StorageSpec:
         lock = self.lock("storage-init")
         try:
             with lock:
-                return optuna.storages.RDBStorage(self.url, **kwargs)
+                return OpenedStorage(self, optuna.storages.RDBStorage(self.url, **kwargs))
         except Exception as err:  # driver missing, server down, bad URL...
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RunDirError(f"--storage {self.display}: cannot open ({first[:200]})") from None
@@ -96,81 +106,34 @@ class StorageSpec:
         return NullLock()
 
 
-def journal_backend(path: str):
+def journal_backend(path: str) -> JournalBackend:
     """Optuna's ``JournalFileBackend`` for ``path`` with exitnas' write path (see
-    :class:`_JournalBackend`)."""
-    return _JournalBackend(path)
+    :class:`~exitnas.search._internals.JournalBackend`)."""
+    return JournalBackend(path)
 
 
-def _journal_base():
-    from optuna.storages.journal import JournalFileBackend
+@dataclass(frozen=True)
+class OpenedStorage:
+    """A storage as :meth:`StorageSpec.connect` opened it: the Optuna storage object, and the
+    journal backend it writes through (None for a database)."""
 
-    return JournalFileBackend
-
-
-class _JournalBackend(_journal_base()):
-    """Optuna's ``JournalFileBackend`` (same format, same symlink lock, so optuna-dashboard and
-    plain Optuna share the file), except that it fsyncs at most once a second and outside the
-    lock. A killed process loses nothing it wrote (the data is in the page cache); only an OS
-    crash can lose the last second, whose trials are then re-run. The stock backend fsyncs every
-    record inside the lock: ~8 ms per trial on this machine's disk (most of a 100 trials/s
-    budget), and a kill -9 inside that window leaves a lock file that blocks the rerun for the
-    lock's grace period."""
-
-    FSYNC_INTERVAL_S = 1.0
-
-    def __init__(self, path: str) -> None:
-        from optuna.storages.journal import JournalFileSymlinkLock
-
-        self._exitnas_lock = JournalFileSymlinkLock(path, grace_period=10)
-        self._exitnas_path = path
-        self._last_sync = time.monotonic()
-        self.appended = 0  # bytes this process wrote (see others_wrote)
-        super().__init__(path, lock_obj=self._exitnas_lock)
-
-    def append_logs(self, logs) -> None:
-        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs)
-                + "\n").encode("utf-8")
-        self._exitnas_lock.acquire()
-        try:
-            fd = os.open(self._exitnas_path, os.O_RDWR | os.O_APPEND)
-            try:
-                _drop_torn_tail(fd)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            self.appended += len(data)
-        finally:
-            self._exitnas_lock.release()
-        if time.monotonic() - self._last_sync >= self.FSYNC_INTERVAL_S:
-            self.sync()
+    spec: StorageSpec
+    optuna: Any
+    journal: JournalBackend | None = None
 
     def sync(self) -> None:
-        fd = os.open(self._exitnas_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._last_sync = time.monotonic()
+        """fsync a journal file (end of a search); a database commits each write itself."""
+        if self.journal is not None:
+            self.journal.sync()
 
-
-def _drop_torn_tail(fd: int) -> None:
-    """Cut a last line without its newline (a writer killed mid-record; replay ignores it)
-    before appending: written after it, the next record would fuse with it into a line that
-    does not parse, and every later replay would fail. Called with the journal lock held."""
-    size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return
-    start = max(0, size - (1 << 16))
-    while True:
-        chunk = os.pread(fd, size - start, start)
-        cut = chunk.rfind(b"\n")
-        if cut >= 0 or start == 0:
-            os.ftruncate(fd, start + cut + 1 if cut >= 0 else 0)
-            return
-        start = max(0, start - (1 << 16))
+    def others_wrote(self) -> Callable[[], int] | None:
+        """For a journal file: a callable returning the bytes OTHER processes have appended so
+        far (file size minus this process's own appends), which changes only when someone
+        else writes; None for a database."""
+        journal = self.journal
+        if journal is None:
+            return None
+        return lambda: os.stat(journal.path).st_size - journal.appended
 
 
 def default_journal(run_dir) -> Path:
@@ -319,6 +282,16 @@ def owner_alive(tag: str) -> bool | None:
     return _start_ticks(int(pid)) == start
 
 
+def join_session(study, lock) -> int:
+    """Register this process with ``study`` (``exitnas:sessions``: the owner tags of every
+    process that joined, see :func:`fail_stale_trials`); returns its index (seeds its
+    sampler)."""
+    with lock:
+        tags = list(study.user_attrs.get(SESSIONS_KEY, []))
+        study.set_user_attr(SESSIONS_KEY, tags + [owner_tag()])
+    return len(tags)
+
+
 def fail_stale_trials(study, keep: set[int] = frozenset()) -> list[int]:
     """Mark RUNNING trials of dead exitnas processes FAIL (except trial numbers in ``keep``);
     returns their numbers. Call it after :func:`join_session`.
@@ -340,27 +313,9 @@ def fail_stale_trials(study, keep: set[int] = frozenset()) -> list[int]:
             continue
         if (owner_alive(owner) is not False) if owner else others_may_live:
             continue
-        try:
-            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        try:  # by number: a trial another process asked
+            study.tell(t.number, state=TrialState.FAIL)
             failed.append(t.number)
-        except UpdateFinishedTrialError:
-            pass  # another process finished or failed it first
+        except (UpdateFinishedTrialError, ValueError):
+            pass  # another process finished or failed it first (tell: "Cannot tell a ...")
     return failed
-
-
-def sync_storage(storage) -> None:
-    """fsync a journal file written through :class:`_JournalBackend` (end of a search)."""
-    backend = getattr(storage, "_backend", None)
-    if isinstance(backend, _JournalBackend):
-        backend.sync()
-
-
-def write_counter(storage):
-    """For a journal written through :class:`_JournalBackend`: a callable returning the bytes
-    OTHER processes have appended so far (file size minus this process's own appends), which
-    changes only when someone else writes; None for other storages."""
-    backend = getattr(storage, "_backend", None)
-    if not isinstance(backend, _JournalBackend):
-        return None
-    path = backend._exitnas_path
-    return lambda: os.stat(path).st_size - backend.appended
