@@ -1,10 +1,17 @@
-"""Helpers for the search tests: a tiny trained supernet in a run directory, study counts."""
+"""Helpers for the search tests: a tiny trained supernet in a run directory, study counts,
+shared fixtures, and running a Ray scenario inside a loopback-only network namespace."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).resolve().parent / "data" / "tiny.yaml"
@@ -85,3 +92,59 @@ def trial_counts(run_path: Path, storage: str | None = None) -> dict:
             "numbers_unique": len(numbers) == len(set(numbers)) == len(trials),
             "numbers_contiguous": sorted(numbers) == list(range(len(trials))),
             "uids_unique": len(uids) == len(set(uids))}
+
+
+# ---- fixtures shared by the search test modules (import them into a module to use them) ------
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("tiny-trained") / "run")
+
+
+@pytest.fixture
+def tiny_run(trained_tiny, tmp_path) -> Path:
+    return copy_run(trained_tiny, tmp_path / "run")
+
+
+# ---- Ray, always inside a loopback-only network namespace ------------------------------------
+RAY_SCENARIO = Path(__file__).resolve().parent / "search_ray_scenario.py"
+
+
+def namespaces_work() -> bool:
+    """Root, unshare and ip: what keeping Ray inside a loopback-only namespace needs."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    r = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
+                        "ip link set lo up"], capture_output=True, timeout=30)
+    return r.returncode == 0
+
+
+def scenario(name: str, run: Path, trials: int, timeout: float = 900, check: bool = True) -> dict:
+    """Run tests/search_ray_scenario.py NAME in a loopback-only network namespace with its own
+    PID namespace; returns what it wrote."""
+    out = run.parent / f"{name}.json"
+    # a short private RAY_TMPDIR: Ray's socket paths must stay under 107 characters, and no
+    # session directory is shared with other Ray users of this machine
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=tmp)
+    try:
+        r = subprocess.run(
+            ["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
+             'ip link set lo up && exec "$0" "$@"', sys.executable, str(RAY_SCENARIO), name,
+             str(run), str(out), str(trials)], capture_output=True, text=True, env=env,
+            timeout=timeout)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert r.returncode == 0 and out.is_file(), r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    if check:
+        assert result["search"]["rc"] == 0, result["search"]["stderr"]
+    return result
+
+
+# ---- reading a module's source ---------------------------------------------------------------
+SEARCH = ROOT / "exitnas" / "search"
+
+
+def search_modules() -> list[str]:
+    """The module names of exitnas.search (``__init__`` included), sorted."""
+    return sorted(p.stem for p in SEARCH.glob("*.py"))

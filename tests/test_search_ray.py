@@ -1,36 +1,17 @@
-"""Ray Tune search on a tiny trained supernet. Every test runs its Ray processes inside a
-loopback-only network namespace (with its own PID namespace): see tests/search_ray_scenario.py.
-The 2-node cluster runs with token authentication as launch/ray-cluster.yaml sets it up; the
-local instances run with RAY_AUTH_MODE=disabled."""
+"""search/_ray.py: Ray Tune search on a tiny trained supernet. Every test runs its Ray processes
+inside a loopback-only network namespace (with its own PID namespace): see
+tests/search_ray_scenario.py. The 2-node cluster runs with token authentication as
+launch/ray-cluster.yaml sets it up; the local instances run with RAY_AUTH_MODE=disabled."""
 from __future__ import annotations
 
-import json
-import os
-import pickle
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, tree_digest
-from search_support import copy_run, study_of, train_tiny_run
-
-SCENARIO = Path(__file__).resolve().parent / "search_ray_scenario.py"
-
-
-def _namespaces_work() -> bool:
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
-        return False
-    r = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
-                        "ip link set lo up"], capture_output=True, timeout=30)
-    return r.returncode == 0
-
+from search_support import copy_run, namespaces_work, scenario, study_of, train_tiny_run
 
 pytestmark = [
-    pytest.mark.skipif(not _namespaces_work(), reason="needs root and unshare to keep Ray "
+    pytest.mark.skipif(not namespaces_work(), reason="needs root and unshare to keep Ray "
                        "inside a loopback-only network namespace"),
 ]
 pytest.importorskip("ray.tune")
@@ -44,26 +25,6 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture
 def run(trained, tmp_path) -> Path:
     return copy_run(trained, tmp_path / "run")
-
-
-def scenario(name: str, run: Path, trials: int, timeout: float = 900, check: bool = True) -> dict:
-    out = run.parent / f"{name}.json"
-    # a short private RAY_TMPDIR: Ray's socket paths must stay under 107 characters, and no
-    # session directory is shared with other Ray users of this machine
-    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=tmp)
-    try:
-        r = subprocess.run(
-            ["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
-             'ip link set lo up && exec "$0" "$@"', sys.executable, str(SCENARIO), name, str(run),
-             str(out), str(trials)], capture_output=True, text=True, env=env, timeout=timeout)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert r.returncode == 0 and out.is_file(), r.stdout[-3000:] + r.stderr[-3000:]
-    result = json.loads(out.read_text())
-    if check:
-        assert result["search"]["rc"] == 0, result["search"]["stderr"]
-    return result
 
 
 def _exact(result: dict, n: int) -> None:
@@ -149,79 +110,3 @@ def test_killed_ray_worker_is_retried_and_the_search_completes(run):
     assert result["summary"]["cache"]["retried_trials"] >= 1
     _exact(result, 4)
     assert result["counts"]["fail"] == 0  # the retried trial finished its own Optuna trial
-
-
-# ---- resuming trusts the run directory like code ----------------------------------------------
-class _Payload:
-    """Unpickling this writes ``path``: the planted tuner.pkl's stand-in for any code."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.path!r}, 'w').write('unpickled')",))
-
-
-def _plant(folder: Path, marker: Path) -> None:
-    folder.mkdir(parents=True)
-    (folder / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
-    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
-
-
-TRUST_CASES = {  # case (planted below) -> the words its refusal must say
-    "group-writable-experiment": "writable by group or others (mode 775)",
-    "group-writable-search-folder": "writable by group or others (mode 775)",
-    "foreign-owner": "owned by uid 65534, not by you",
-    "dotdot": "outside",
-    "symlink": "outside",
-    "symlink-inside": "a symbolic link",
-    "trusted": None,  # the control: the same plant, safe permissions -> it IS unpickled
-}
-
-
-def test_resume_refuses_run_directories_others_could_plant(trained, tmp_path):
-    base = copy_run(trained, tmp_path / "base")
-    r = run_cli("search", base, "--trials", "3", env={"OMP_NUM_THREADS": "1"})  # in-process
-    assert r.returncode == 0, r.stderr
-    study = json.loads((base / "search" / "study.json").read_text())["study_name"]
-    cases = tmp_path / "cases"
-    for case in TRUST_CASES:
-        run = copy_run(base, cases / case / "run")
-        marker = cases / case / "marker"
-        ray_dir = run / "search" / "ray"
-        name = "tune-0"
-        if case in ("dotdot", "symlink"):
-            _plant(cases / case / "outside", marker)
-            if case == "dotdot":
-                name = "../../../outside"
-                ray_dir.mkdir(parents=True)
-            else:
-                ray_dir.mkdir(parents=True)
-                (ray_dir / name).symlink_to(cases / case / "outside")
-        else:
-            _plant(ray_dir / name, marker)
-        if case == "group-writable-experiment":
-            (ray_dir / name).chmod(0o775)
-        elif case == "group-writable-search-folder":
-            (run / "search").chmod(0o775)
-        elif case == "foreign-owner":
-            os.chown(ray_dir / name / "tuner.pkl", 65534, 65534)
-        elif case == "symlink-inside":
-            (ray_dir / name / "tuner.pkl").rename(cases / case / "tuner.pkl")
-            (ray_dir / name / "tuner.pkl").symlink_to(cases / case / "tuner.pkl")
-        (ray_dir / "state.json").write_text(json.dumps(
-            {"experiment": name, "study": study, "target": 8}))
-    before = {case: tree_digest(cases / case) for case in TRUST_CASES}
-    outcomes = scenario("trust", cases, 8, check=False)["cases"]
-    assert sorted(outcomes) == sorted(TRUST_CASES)
-    for case, words in TRUST_CASES.items():
-        out = outcomes[case]
-        if words is None:  # the control proves the plant is live: restore unpickled it
-            assert out["marker"] and out["ray_sessions"] == 1, out
-            continue
-        assert out["rc"] == 2 and out["stderr"].count("\n") == 1, (case, out)
-        assert out["stderr"].startswith("exitnas: error: ") and words in out["stderr"], (case, out)
-        assert "refusing to resume" in out["stderr"]
-        assert not out["marker"], case         # nothing was unpickled
-        assert out["ray_sessions"] == 0, case  # Ray never started
-        assert tree_digest(cases / case) == before[case], case  # nothing written

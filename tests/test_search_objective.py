@@ -1,6 +1,8 @@
-"""Searching structures with fitted thresholds: on a fixed supernet whose space holds SDN's
-placement, a default search finds on val at least SDN's swept accuracy at 25 % and 50 % of the
-backbone's MACs; each trial's thresholds score, from the cache, what the trial recorded."""
+"""search/_objective.py: constraints (the path budget is a second one, by name and as the list
+optuna-dashboard reads); searching structures with fitted thresholds: on a fixed supernet whose
+space holds SDN's placement, a default search finds on val at least SDN's swept accuracy at
+25 % and 50 % of the backbone's MACs; each trial's thresholds score, from the cache, what the
+trial recorded."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +17,7 @@ from exitnas.rundir import RunDir
 from exitnas.space import load_space
 from exitnas.supernet import Supernet
 from exitnas.train import train_supernet
+from search_support import study_of, tiny_run, trained_tiny  # noqa: F401
 
 BUDGETS = (0.25, 0.5)
 
@@ -76,3 +79,20 @@ def test_every_trials_fitted_thresholds_score_what_it_recorded(searched):
         assert tuple(fits[-1]["thresholds"]) == arch.thresholds
         want = sum(f["accuracy"] if f["feasible"] else 0.0 for f in fits) / len(fits)
         assert t.values[0] == pytest.approx(want, abs=1e-12)
+
+
+def test_path_budget_is_a_second_constraint(tiny_run):
+    from exitnas.search import SearchOptions, run_search
+
+    result = run_search(tiny_run, SearchOptions(trials=60, budget="0.9", path_budget="0.75"),
+                        log=None)
+    study = study_of(tiny_run)
+    backbone = study.user_attrs["exitnas"]["budget"]["backbone_macs"]
+    trials = study.get_trials()
+    for t in trials:  # by name, and as the list optuna-dashboard reads (Optuna: "0", "1")
+        named = [t.constraints["expected_macs"], t.constraints["path_macs"]]
+        assert set(t.constraints) == {"expected_macs", "path_macs", "0", "1"}
+        assert t.system_attrs["constraints"] == named == [t.constraints["0"], t.constraints["1"]]
+    over = [t for t in trials if t.user_attrs["path_macs"] > 0.75 * backbone]
+    assert over and not any(t.user_attrs["feasible"] for t in over)
+    assert all(r["path_macs"] <= 0.75 * backbone for r in result.front)
