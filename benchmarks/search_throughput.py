@@ -29,6 +29,12 @@ Outputs (results/search/):
 - ``hypervolume.csv``: space, sampler, seed, trials, hypervolume, front_size (+ reference
   point) for NSGA-II and random search at equal trials (``--hv-trials``), ``--seeds`` seeds, on
   quickstart and on a trained CIFAR-10 supernet copied from runs/cifar10-bench when present.
+- ``sampler.csv`` / ``sampler_summary.csv``: Optuna's own NSGAIISampler against exitnas'
+  IndexedNSGAIISampler in the in-process loop (``run_inprocess``, thresholds fitted as
+  ``run_search`` does) at ``--sampler-trials`` (default 200, 500, 1,000) trials, each pair back
+  to back in one run (``--sampler-repeats`` pairs, alternating order), same seed and population,
+  same sampled architectures (checked); speedup = Optuna's seconds / exitnas' seconds.
+  ``--phases sampler`` runs only this comparison.
 - ``README.md``: command, data, machine, tables.
 """
 from __future__ import annotations
@@ -37,7 +43,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import pwd
 import shutil
 import socket
@@ -51,6 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "results" / "search"
 SPACE = ROOT / "search_spaces" / "quickstart.yaml"
+
+from benchmarks.search_throughput_loop import (asktell_on_storage, breakdown,  # noqa: E402
+                                               inprocess, sampler_comparison, sampler_summary,
+                                               scaling)
+from benchmarks.search_throughput_readme import write_readme  # noqa: E402
 
 
 def ensure_run(run: Path) -> None:
@@ -104,92 +114,6 @@ def warm_caches(run: Path):
     for depths in space.depth_settings():
         store(depths)
     return rd, space, net, splits, store
-
-
-def inprocess(run: Path, storage: str | None, name: str, trials: int) -> dict:
-    from exitnas.search import SearchOptions, run_search
-
-    storage = storage or str(run / "search" / "study.log")  # the default journal file
-    r = run_search(run, SearchOptions(trials=trials, storage=storage, study_name=name), log=None)
-    s = r.summary
-    assert s["trials_complete"] == trials and s["cache"]["built"] == 0, s
-    return {"trials": s["committed_by_this_process"], "seconds": s["loop_seconds"],
-            "trials_per_s": s["trials_per_s"]}
-
-
-def asktell_on_storage(run: Path, path: Path, trials: int, store, space) -> dict:
-    """The plain Optuna loop on a persistent study (stock JournalFileBackend)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    from exitnas.cost import cost_table
-    from exitnas.search import Genome, Objective, make_sampler, resolve_budget
-
-    costs = cost_table(space)
-    objective = Objective(costs=costs, budget=resolve_budget(space, costs), caches=store)
-    genome = Genome(space)
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"],
-                                sampler=make_sampler("nsga2", seed=0, population_size=24))
-    t = time.perf_counter()
-    for _ in range(trials):
-        trial = study.ask()
-        record = objective(genome.decode(genome.suggest(trial)))
-        record.apply(trial)
-        study.tell(trial, record.values)
-    seconds = time.perf_counter() - t
-    return {"trials": trials, "seconds": seconds, "trials_per_s": trials / seconds}
-
-
-def scratch_loop(space, store, sampler):
-    """(objective, genome, mirror, journal path) of the in-process loop on a throw-away
-    journal study, for timing the loop's parts by hand."""
-    import optuna
-
-    from exitnas.cost import cost_table
-    from exitnas.search import Genome, Objective, StorageSpec, resolve_budget
-    from exitnas.search._inprocess import StudyMirror
-
-    costs = cost_table(space)
-    objective = Objective(costs=costs, budget=resolve_budget(space, costs), caches=store)
-    path = Path(tempfile.mkdtemp()) / "study.log"
-    spec = StorageSpec(journal=str(path))
-    storage = spec.connect()
-    study = optuna.create_study(storage=storage.optuna, directions=["maximize", "minimize"])
-    mirror = StudyMirror(study, sampler, spec.lock(study.study_name),
-                         others_wrote=storage.others_wrote())
-    return objective, Genome(space), mirror, path
-
-
-def breakdown(run: Path, trials: int, store, space) -> list[dict]:
-    """The in-process loop (StudyMirror + commit) with a timer around each phase."""
-    from exitnas.search import make_sampler
-
-    objective, genome, mirror, path = scratch_loop(
-        space, store, make_sampler("nsga2", seed=0, population_size=24))
-    phases = {k: 0.0 for k in ("ask", "suggest (NSGA-II sampling)", "decode", "score",
-                               "attrs + tell (memory)", "commit (lock, pull, write)")}
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        trial = mirror.memory.ask()
-        t1 = time.perf_counter()
-        params = genome.suggest(trial)
-        t2 = time.perf_counter()
-        arch = genome.decode(params)
-        t3 = time.perf_counter()
-        record = objective(arch)
-        t4 = time.perf_counter()
-        record.apply(trial)
-        frozen = mirror.memory.tell(trial, record.values)
-        t5 = time.perf_counter()
-        mirror.commit(frozen, trials + 1)
-        t6 = time.perf_counter()
-        for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-            phases[key] += dt
-    shutil.rmtree(path.parent, ignore_errors=True)
-    total = sum(phases.values())
-    return [{"phase": k, "ms_per_trial": 1e3 * v / trials, "share": v / total}
-            for k, v in phases.items()]
 
 
 def rerun(space, net, splits, archs: int, store=None) -> dict:
@@ -286,50 +210,6 @@ def ray_row(run: Path, trials: int) -> dict | None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def markdown(df) -> str:
-    cols = list(df.columns)
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in df.iterrows():
-        out.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v)
-                                     for v in row) + " |")
-    return "\n".join(out)
-
-
-def _per_thousand(done: list, sampler: str) -> list[dict]:
-    n = len(done)
-    return [{"sampler": sampler, "trials_done": f"{lo}-{min(lo + 1000, n)}",
-             "trials_per_s": (min(lo + 1000, n) - 1 - lo)
-             / (done[min(lo + 1000, n) - 1] - done[lo]).total_seconds()}
-            for lo in range(0, n, 1000)]
-
-
-def scaling(run: Path, trials: int, stock_trials: int, store, space) -> list[dict]:
-    """Rate per 1,000 trials along one study: the default (``run_search``, exitnas'
-    IndexedNSGAIISampler) for ``trials``, and the same loop with Optuna's own NSGAIISampler
-    for ``stock_trials``."""
-    import optuna
-
-    from exitnas.search._storage import parse_storage
-
-    inprocess(run, None, "tp-scaling", trials)
-    study = optuna.load_study(study_name="tp-scaling",
-                              storage=parse_storage(str(run / "search" / "study.log")).open())
-    out = _per_thousand(sorted(t.datetime_complete for t in study.get_trials()),
-                        "IndexedNSGAIISampler (exitnas)")
-    objective, genome, mirror, path = scratch_loop(
-        space, store, optuna.samplers.NSGAIISampler(population_size=24, seed=0))
-    study = mirror.study
-    for _ in range(stock_trials):
-        trial = mirror.memory.ask()
-        record = objective(genome.decode(genome.suggest(trial)))
-        record.apply(trial)
-        mirror.commit(mirror.memory.tell(trial, record.values), stock_trials + 1)
-    out += _per_thousand(sorted(t.datetime_complete for t in study.get_trials()),
-                         "NSGAIISampler (Optuna 5.0)")
-    shutil.rmtree(path.parent, ignore_errors=True)
-    return out
-
-
 def hypervolumes(run: Path, space_name: str, trials: int, seeds: int) -> list[dict]:
     from exitnas.search import SearchOptions, run_search
 
@@ -361,7 +241,8 @@ def copy_trained_run(src: Path, dst: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phases", default="throughput,hv", help="throughput and/or hv")
+    p.add_argument("--phases", default="throughput,hv,sampler",
+                   help="comma-separated: throughput, hv, sampler")
     p.add_argument("--run", type=Path, default=ROOT / "runs" / "search-bench")
     p.add_argument("--cifar-run", type=Path, default=ROOT / "runs" / "search-bench-cifar")
     p.add_argument("--cifar-root", type=Path, default=ROOT / ".cache" / "cifar10-jpeg")
@@ -376,10 +257,15 @@ def main() -> None:
     p.add_argument("--rerun-archs", type=int, default=20)
     p.add_argument("--hv-trials", type=int, default=300)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--sampler-trials", default="200,500,1000",
+                   help="trial counts at which the two NSGA-II samplers are compared")
+    p.add_argument("--sampler-repeats", type=int, default=3, help="pairs per trial count")
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--skip-cifar", action="store_true")
     args = p.parse_args()
     phases = set(args.phases.split(","))
+    if not phases <= {"throughput", "hv", "sampler"}:
+        p.error(f"--phases {args.phases!r}: expected throughput, hv and/or sampler")
 
     import pandas as pd
     import torch
@@ -402,8 +288,29 @@ def main() -> None:
             run = copy_trained_run(args.hv_cifar_from, ROOT / "runs" / "search-bench-hv")
             hv += hypervolumes(run, "cifar10", args.hv_trials, args.seeds)
         pd.DataFrame(hv).to_csv(OUT / "hypervolume.csv", index=False, float_format="%.4f")
+    if "sampler" in phases:
+        loads["sampler"] = os.getloadavg()
+        samplers(args)
     (OUT / "load.json").write_text(json.dumps(loads))
     write_readme(args, loads)
+
+
+def samplers(args) -> None:
+    """Optuna's NSGAIISampler vs exitnas' IndexedNSGAIISampler at the default trial counts,
+    side by side (``sampler.csv`` per pair, ``sampler_summary.csv`` the ratios)."""
+    import pandas as pd
+
+    counts = [int(n) for n in args.sampler_trials.split(",")]
+    _, space, _, _, store = warm_caches(args.run)
+    rows = sampler_comparison("quickstart", space, store, counts, args.sampler_repeats)
+    if not args.skip_cifar:
+        ensure_cifar_run(args.cifar_run, args.cifar_root)
+        _, cspace, _, _, cstore = warm_caches(args.cifar_run)
+        rows += sampler_comparison("cifar10", cspace, cstore, counts, args.sampler_repeats)
+    pd.DataFrame(rows).to_csv(OUT / "sampler.csv", index=False, float_format="%.4f")
+    summary = pd.DataFrame(sampler_summary(rows))
+    summary.to_csv(OUT / "sampler_summary.csv", index=False, float_format="%.3f")
+    print(summary.to_string(index=False), flush=True)
 
 
 def throughput(args) -> None:
@@ -475,121 +382,6 @@ def throughput(args) -> None:
     sc = pd.DataFrame(scale)
     sc.to_csv(OUT / "scaling.csv", index=False, float_format="%.3f")
 
-
-
-def write_readme(args, loads) -> None:
-    import pandas as pd
-
-    df = pd.read_csv(OUT / "throughput.csv")
-    bd = pd.read_csv(OUT / "breakdown.csv")
-    sc = pd.read_csv(OUT / "scaling.csv")
-    hvdf = pd.read_csv(OUT / "hypervolume.csv")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    default = df[df["is_default"] & (df["space"] == "quickstart")].iloc[0]
-    cifar = df[df["is_default"] & (df["space"] == "cifar10")]
-    cifar_line = "" if cifar.empty else (
-        f" On CIFAR-10 (val = 5,000 images, ResNet-20/32 depths) the default runs "
-        f"**{cifar.iloc[0]['trials_per_s']:.0f} trials/s**, "
-        f"**{cifar.iloc[0]['speedup_vs_rerun']:,.0f}x** the rate of re-running each trial.")
-    agg = (hvdf.groupby(["space", "sampler"])["hypervolume"].agg(["mean", "std", "min", "max"])
-           .reset_index())
-    gains = []
-    for space, g in agg.groupby("space"):
-        m = dict(zip(g["sampler"], g["mean"]))
-        ref = hvdf[hvdf["space"] == space].iloc[0]
-        per = hvdf[hvdf["space"] == space].groupby("sampler")["hypervolume"]
-        apart = (" — every NSGA-II seed above every random seed"
-                 if per.min()["nsga2"] > per.max()["random"] else "")
-        gains.append(f"- `{space}`: NSGA-II {m['nsga2']:.4f} vs random {m['random']:.4f} "
-                     f"({(m['nsga2'] / m['random'] - 1) * 100:+.1f} %){apart}; reference point "
-                     f"accuracy {ref['ref_accuracy']:g}, relative cost {ref['ref_relative_cost']:.3f}")
-    load = {k: " / ".join(f"{x:.1f}" for x in v) for k, v in loads.items()}
-    text = f"""# Search throughput and NSGA-II vs random search
-
-Command (all defaults): `.venv/bin/python benchmarks/search_throughput.py` — i.e. `--trials
-{args.trials} --sql-trials {args.sql_trials} --ray-trials {args.ray_trials} --stock-trials
-{args.stock_trials} --scaling-trials {args.scaling_trials} --stock-scaling-trials
-{args.stock_scaling_trials} --rerun-archs {args.rerun_archs}
---hv-trials {args.hv_trials} --seeds {args.seeds}`; `--phases throughput` or `--phases hv` reruns
-one part (the README is rebuilt from the CSVs).
-
-Data and sizes:
-- `quickstart`: `search_spaces/quickstart.yaml` (scikit-learn digits 8x8, 18 depth settings,
-  7 exit positions x 4 heads, <= 3 exits, policies max_softmax / entropy / patience; val = 216
-  images), supernet trained with `exitnas train-supernet` (8 epochs, ~99 % val accuracy) in
-  `runs/search-bench`;
-- `cifar10` (throughput): `search_spaces/resnet_cifar.yaml` with depths {{3, 5}} per stage (8
-  depth settings, 14 positions x 4 heads, <= 6 exits) on the CIFAR-10 JPEG tarball (val =
-  5,000 32x32 images), randomly initialised supernet (rates do not depend on the weights);
-- `cifar10` (hypervolume): the `cifar10_bench` space (ResNet, depths 1-3 per stage, 27 depth
-  settings, 8 exit positions x 3 heads, <= 6 exits, max_softmax, budget 0.6) with the supernet another benchmark
-  trained for 5 epochs (58 % val accuracy at full depth), copied from `runs/cifar10-bench`.
-
-Every depth setting's exit statistics are cached before timing; torch uses one thread.
-Machine: {cpu}, {os.cpu_count()} cores, no GPU, shared with other jobs at the time (load
-average {load.get('throughput', '?')} at the start of the throughput phase, {load.get('hv', '?')}
-at the start of the hypervolume phase). Timings are one run on a busy machine; compare rows as
-ratios.
-
-## Throughput (`throughput.csv`)
-
-{markdown(df)}
-
-The default (in-process Optuna NSGA-II, journal file `RUN/search/study.log`) runs
-**{default['trials_per_s']:.0f} trials/s** on quickstart, {default['speedup_vs_rerun']:.0f}x the
-rate of re-running each trial's network there (216 tiny 8x8 images make re-running
-cheap).{cifar_line} Goals: >= 100 trials/s with the default storage, >= 100x faster than
-re-running.
-
-- The in-process backend asks and tells on an in-memory mirror and commits each finished trial
-  as ONE storage record. "ask/tell on storage (stock)" is the plain Optuna loop on the same kind
-  of journal file: every `suggest_*` and `set_user_attr` is a separate write, each fsynced inside
-  the file lock by Optuna's stock backend.
-- SQLite and PostgreSQL also get one `add_trial` per trial, but Optuna's RDB storage turns it
-  into one statement per parameter and attribute (~60 round trips per trial here); PostgreSQL
-  is for many processes and machines sharing a study, not for speed.
-- The Ray row is trials over the search loop's wall time on a local instance with 2 workers,
-  like every other row (Ray's start-up and Tune's per-trial scheduling included): they, not the
-  scoring, limit it; Ray is for spreading work over machines.
-
-## Scaling along one study (`scaling.csv`, default journal storage, quickstart)
-
-{markdown(sc)}
-
-## Where an in-process trial's time goes (`breakdown.csv`, quickstart, {args.trials} trials)
-
-{markdown(bd)}
-
-The NSGA-II sampler is the largest share, so it was profiled (cProfile). Optuna 5.0's
-`NSGAIISampler` walks every trial of the study on every ask — `get_trial_generation` scans all
-COMPLETE trials, `get_population` and `get_parent_population` filter all trials — so with it
-the rate falls as the study grows (the `NSGAIISampler (Optuna 5.0)` rows above: the same loop,
-Optuna's sampler). exitnas' `IndexedNSGAIISampler` (a subclass) keeps complete trials indexed
-by generation and id as they appear: the same samples (a test compares them trial by trial with
-Optuna's own) at a rate that stays flat. What remains of "suggest" is Optuna's per-ask
-bookkeeping: `IntersectionSearchSpace.calculate` deep-copies the search space on every ask,
-every `suggest_*` checks distribution compatibility and writes the in-memory storage, and the
-crossover itself; `study.tell` deep-copies the finished trial ("attrs + tell"). Scoring from
-the cache is a small share; "commit" is one journal append plus the commit lock.
-
-## NSGA-II vs random search (`hypervolume.csv`, {args.hv_trials} trials each, {args.seeds} seeds)
-
-Hypervolume of the feasible front in the (accuracy, expected MACs / backbone MACs) plane; the
-reference point (accuracy 0, relative cost = the budget) is in every run's `hypervolume.json`.
-
-{markdown(agg)}
-
-{chr(10).join(gains)}
-
-On quickstart the supernet is ~99 % accurate at nearly every exit, so the front is a handful of
-cheap points that random search finds as easily as NSGA-II. The CIFAR-10 supernet gives a real
-trade-off (27 depth settings, up to 6 of 8 positions x 3 heads, per-exit thresholds), where
-NSGA-II's front dominates more at equal trials. Per seed:
-
-{markdown(hvdf)}
-"""
-    (OUT / "README.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def private_uses(path: Path) -> set[tuple[str, str]]:
         elif isinstance(node, ast.keyword) and node.arg and private(node.arg):
             found.add((path.name, node.arg))
         elif isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module])
             for m in modules:
                 if m.split(".")[0] != "exitnas" and any(private(p) for p in m.split(".")):
                     found.add((path.name, m))
@@ -158,7 +159,8 @@ def test_journal_backend_writes_the_stock_format(tmp_path):
     logs = [{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1, 2]},
             {"op_code": 4, "worker_id": "w", "study_id": 0, "datetime_start": "2026-01-01",
              "attrs": {"x": "é"}}]
-    ours, stock = JournalBackend(str(tmp_path / "a.log")), JournalFileBackend(str(tmp_path / "b.log"))
+    ours = JournalBackend(str(tmp_path / "a.log"))
+    stock = JournalFileBackend(str(tmp_path / "b.log"))
     ours.append_logs(logs[:1])
     ours.append_logs(logs[1:])
     stock.append_logs(logs)

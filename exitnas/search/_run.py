@@ -171,7 +171,8 @@ def search_context(run_dir, options: SearchOptions = SearchOptions(), *,
         workers=options.workers or cfg.workers, address=options.address, log=log)
 
 
-def run_search(run_dir, options: SearchOptions = SearchOptions(), *, log=sys.stderr) -> SearchResult:
+def run_search(run_dir, options: SearchOptions = SearchOptions(), *,
+               log=sys.stderr) -> SearchResult:
     """Search until the run's study holds ``options.trials`` complete trials (continuing what
     an earlier or concurrent process did), then write the front to ``RUN/search``. Progress
     lines go to ``log`` (None: quiet)."""
