@@ -1,20 +1,90 @@
-"""Exit policies, vectorised over samples.
+"""Exit policies: each one owns its parameters, its torch rule and its numpy rule.
 
 A policy sees per-exit statistics of the early exits, stacked as [K, N] tensors (K early exits,
 N samples), and returns a [K, N] boolean mask "sample n may leave at exit k". A sample leaves at
 the first exit whose mask is true; the final exit takes every remaining sample. Row k of the
 mask depends only on rows <= k, so the same code serves the cached scorer (all exits at once)
 and the model's early-exit forward (one exit at a time).
+
+Adding a policy is one file::
+
+    class MarginRule(exit_rules.Rule):            # numpy: the scorer and the runtime
+        ...
+
+    @POLICIES.register("margin")
+    class Margin(Policy):
+        rule = MarginRule()
+        param = Param(key="margin_range", default=(0.0, 1.0), ge=0.0, le=1.0, gene="mrg",
+                      doc="margin thresholds")
+        def exit_mask(self, stats, params): ...   # torch: MultiExitModel.predict
+
+Registering also registers ``rule`` with :mod:`exitnas.exit_rules` under the same name, so the
+scorer (:mod:`exitnas.evaluate`) and the runtime find it; the space file's ``policy`` section
+gains ``margin_range`` (:class:`~exitnas.space.PolicyConfig`), the genome draws ``mrg<k>``
+per early exit (:class:`~exitnas.search.Genome`), and ``fitted = True`` (a
+:class:`~exitnas.exit_rules.Threshold` rule) lets :mod:`exitnas.thresholds` fit them instead.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from . import exit_rules
 from .registry import Registry
 
-POLICIES: Registry["Policy"] = Registry("policy")
+
+@dataclass(frozen=True, kw_only=True)
+class Param:
+    """A policy's parameters as the space bounds them and the genome draws them."""
+
+    key: str                       # the space file's policy.<key>: [low, high]
+    default: tuple[float, float]   # that key's default
+    doc: str                       # its line in the config reference
+    gene: str                      # Optuna parameter: <gene><slot> per early exit, else <gene>
+    integer: bool = False          # whole numbers (the key is then [int, int])
+    ge: float | None = None        # bounds on the key's values
+    le: float | None = None
+    fill: Literal["low", "high"] = "low"  # the end taken where no value is drawn (a carried,
+    # inactive gene; a fitted policy's placeholder before fitting, which lets no sample leave)
+
+
+class _Policies(Registry["Policy"]):
+    """Policies by name. Registering one sets its ``name`` and registers its numpy ``rule``
+    with :mod:`exitnas.exit_rules`; a fitted policy needs a threshold rule, and two policies
+    that name the same space key or gene must declare the same Param."""
+
+    def register(self, name: str):
+        add = super().register(name)
+
+        def deco(cls: type["Policy"]) -> type["Policy"]:
+            if name in self:
+                raise ValueError(f"policy {name!r} is already registered")
+            if not isinstance(getattr(cls, "param", None), Param):
+                raise TypeError(f"policy {name!r} declares no Param")
+            rule = getattr(cls, "rule", None)
+            if cls.fitted and not isinstance(rule, exit_rules.Threshold):
+                raise TypeError(f"policy {name!r} is fitted but its rule is not an "
+                                "exit_rules.Threshold")
+            for other in self.in_order():
+                p = self.get(other).param
+                if p != cls.param and cls.param.key == p.key:
+                    raise ValueError(f"policy {name!r} declares policy.{p.key} unlike {other!r}")
+                if p != cls.param and cls.param.gene == p.gene:
+                    raise ValueError(f"policy {name!r} takes gene {p.gene!r} of {other!r}")
+            exit_rules.register(name, rule)  # refuses a non-Rule, or another rule of that name
+            cls.name = name
+            return add(cls)
+
+        return deco
+
+    def in_order(self) -> list[str]:
+        """Names in registration order (the genome's and the config reference's order)."""
+        return list(self._items)
+
+
+POLICIES: _Policies = _Policies("policy")
 
 
 @dataclass(frozen=True)
@@ -41,20 +111,37 @@ class ExitStats:
 
 
 class Policy:
-    """Base class. ``params`` is the arch's ``thresholds`` tuple: one value per early exit for
-    threshold policies, a single integer-valued patience for ``patience``."""
+    """Base class. ``params`` is the arch's ``thresholds`` tuple: one value per early exit
+    (``rule.per_exit``) or a single one. A subclass sets ``rule`` (numpy), ``param`` and
+    :meth:`exit_mask` (torch); ``fitted``: :mod:`exitnas.thresholds` fits the parameters on
+    val (the rule is an :class:`~exitnas.exit_rules.Threshold`), ``budgeted_batch``: that fit
+    also starts from MSDNet's budgeted-batch thresholds (a >= rule)."""
 
-    name: str = ""
-    per_exit: bool = True  # one parameter per early exit (else a single one)
-    integer: bool = False  # parameters are whole numbers
-    range_field: str = "threshold_range"  # the PolicyConfig field bounding the parameters
+    name: str = ""  # set by POLICIES.register
+    rule: exit_rules.Rule
+    param: Param
+    fitted: bool = False
+    budgeted_batch: bool = False
+
+    @property
+    def per_exit(self) -> bool:
+        return self.rule.per_exit
+
+    @property
+    def integer(self) -> bool:
+        return self.param.integer
 
     def param_range(self, cfg) -> tuple[float, float]:
         """(low, high) allowed for this policy's parameters by a space's ``PolicyConfig``."""
-        return tuple(getattr(cfg, self.range_field))
+        return tuple(getattr(cfg, self.param.key))
+
+    def fill(self, cfg) -> float:
+        """The value taken where none is drawn (:attr:`Param.fill`)."""
+        lo, hi = self.param_range(cfg)
+        return hi if self.param.fill == "high" else lo
 
     def num_params(self, n_exits: int) -> int:
-        return n_exits if self.per_exit else 1
+        return self.rule.num_params(n_exits)
 
     def exit_mask(self, stats: ExitStats, params: tuple[float, ...]) -> torch.Tensor:
         raise NotImplementedError
@@ -75,7 +162,11 @@ def _column(params: tuple[float, ...], k: int) -> torch.Tensor:
 class MaxSoftmax(Policy):
     """Leave at the first exit whose max softmax probability is >= its threshold."""
 
-    name = "max_softmax"
+    rule = exit_rules.MAX_SOFTMAX
+    param = Param(key="threshold_range", default=(0.5, 1.0), ge=0.0, le=1.0, gene="thr",
+                  fill="high", doc="max_softmax thresholds")
+    fitted = True
+    budgeted_batch = True
 
     def exit_mask(self, stats: ExitStats, params: tuple[float, ...]) -> torch.Tensor:
         return stats.conf >= _column(params, stats.conf.shape[0])
@@ -89,8 +180,10 @@ class MaxSoftmax(Policy):
 class Entropy(Policy):
     """Leave at the first exit whose softmax entropy (nats) is <= its threshold."""
 
-    name = "entropy"
-    range_field = "entropy_range"
+    rule = exit_rules.ENTROPY
+    param = Param(key="entropy_range", default=(0.0, 1.5), ge=0.0, gene="ent", fill="low",
+                  doc="entropy thresholds, nats")
+    fitted = True
 
     def exit_mask(self, stats: ExitStats, params: tuple[float, ...]) -> torch.Tensor:
         return stats.entropy <= _column(params, stats.entropy.shape[0])
@@ -105,10 +198,9 @@ class Patience(Policy):
     """PABEE-style: leave at exit k once exits k-p+1..k (p consecutive exits) agree on the
     class. p = 1 leaves at the first exit."""
 
-    name = "patience"
-    per_exit = False
-    integer = True
-    range_field = "patience_range"
+    rule = exit_rules.PATIENCE
+    param = Param(key="patience_range", default=(1, 3), ge=1, le=4096, integer=True,
+                  gene="patience", fill="low", doc="patience p (exits that agree)")
 
     def exit_mask(self, stats: ExitStats, params: tuple[float, ...]) -> torch.Tensor:
         p = int(params[0])

@@ -7,8 +7,11 @@
 A batch runs segment by segment; after each exit's head, the samples the policy lets go are
 dropped from the rest of the computation. ``macs`` is C_k of the exit each sample took (fvcore
 MACs from arch.json). Needs numpy, plus torch + safetensors for ``.pt2`` or onnxruntime for
-``.onnx`` (the ONNX path imports no torch). This file imports nothing else from exitnas and
-can be copied into a deployment on its own.
+``.onnx`` (the ONNX path imports no torch). The exit rules come from ``exit_rules.py``
+(numpy only; exitnas's scorer applies the same ones, :mod:`exitnas.exit_rules`, exposed here as
+``rules``): this file imports nothing else from exitnas, and a deployment copies the two files
+side by side. A policy of your own: ``rules.register(name, rule)`` before :func:`load` (inside
+exitnas, registering the policy did it).
 
 ``load`` verifies the export first: arch.json's format, every listed file present with its
 sha256, the weights a safetensors file (a pickle is refused) whose tensor shapes match
@@ -35,8 +38,30 @@ import numpy as np
 
 try:  # inside exitnas: the CLI prints it as one line, exit 2
     from .errors import CheckpointError as _Base
-except ImportError:  # copied alone into a deployment
+except ImportError:  # copied into a deployment
     _Base = Exception
+
+
+def _exit_rules():
+    """exitnas's exit_rules module, or (copied into a deployment) the exit_rules.py next to
+    this file."""
+    try:
+        from . import exit_rules
+        return exit_rules
+    except ImportError:
+        pass
+    import importlib.util
+
+    path = Path(__file__).with_name("exit_rules.py")
+    if not path.is_file():
+        raise ImportError(f"{path} is missing: copy exit_rules.py next to runtime.py")
+    spec = importlib.util.spec_from_file_location("exit_rules", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rules = _exit_rules()
 
 FORMAT = "exitnas-export"
 FORMAT_VERSION = 2  # 2: no weights.pt, .pt2 sample inputs empty (1: both pickled)
@@ -469,20 +494,6 @@ class _Onnx:
         return 1 / total, ent, z.argmax(axis=1)
 
 
-def _rule(policy: str, params: list[float]):
-    """leave(k, conf, entropy, run) -> bool mask, the same rules as exitnas.policy (thresholds
-    compared in float32; ``run`` counts consecutive exits that agree on the class)."""
-    t = np.asarray(params, dtype=np.float32)
-    if policy == "max_softmax":
-        return lambda k, conf, ent, run: conf >= t[k]
-    if policy == "entropy":
-        return lambda k, conf, ent, run: ent <= t[k]
-    if policy == "patience":
-        p = int(params[0])
-        return lambda k, conf, ent, run: run >= p
-    raise ExportError(f"arch.json: unknown exit policy {policy!r}")
-
-
 # ---- the predictor ------------------------------------------------------------------------
 class Predictor:
     """Segments, heads and the early-exit rule of one export (see :func:`load`)."""
@@ -506,12 +517,17 @@ class Predictor:
 
     def set_policy(self, policy: str, thresholds) -> None:
         """Change the exit rule (the accuracy / MACs trade-off) without re-exporting: one
-        threshold per early exit (max_softmax, entropy) or one patience value."""
-        want = 1 if policy == "patience" else self.num_exits - 1
+        value per early exit (max_softmax, entropy thresholds) or one for the model
+        (patience), as the policy's rule (``rules``) takes them."""
+        try:
+            rule = rules.get(policy)
+        except LookupError:
+            raise ExportError(f"arch.json: unknown exit policy {policy!r}") from None
+        want = rule.num_params(self.num_exits - 1)
         if len(thresholds) != want:
             raise ExportError(f"policy {policy} needs {want} value(s), got {len(thresholds)}")
-        self._leave = _rule(policy, list(thresholds))
-        self._entropy, self._patience = policy == "entropy", policy == "patience"
+        self._rule, self._params = rule, rule.prepare(list(thresholds))
+        self._entropy = "entropy" in rule.reads
         self.policy, self.thresholds = policy, tuple(float(t) for t in thresholds)
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
@@ -555,12 +571,12 @@ class Predictor:
             return self._predict(x)
 
     def _predict(self, x) -> Result:
-        b = self._b
+        b, rule, params = self._b, self._rule, self._params
         n, last = int(x.shape[0]), self.num_exits - 1
         pred = np.zeros(n, dtype=np.int64)
         exit_idx = np.full(n, last, dtype=np.int64)
         alive = np.arange(n)
-        prev = run = None
+        state: tuple = ()  # the rule's per-sample state, rows of the samples still alive
         for k in range(self.num_exits):
             if alive.size == 0:
                 break
@@ -569,18 +585,15 @@ class Predictor:
             if k == last:
                 pred[alive] = p
                 break
-            if self._patience:  # consecutive exits that agree on the class
-                run = np.ones(alive.size, np.int64) if prev is None else np.where(p == prev, run + 1, 1)
-            leave = self._leave(k, conf, ent, run)
+            leave, state = rule.leave(k, rules.Row(conf, ent, p), params, state)
             if leave.any():
                 done = alive[leave]
                 pred[done], exit_idx[done] = p[leave], k
                 keep = ~leave
-                alive, p = alive[keep], p[keep]
-                run = run[keep] if self._patience else None
+                alive = alive[keep]
+                state = tuple(s[keep] for s in state)
                 if alive.size:
                     x = b.take(x, keep)
-            prev = p
         return Result(pred, exit_idx, self.exit_macs[exit_idx])
 
 
