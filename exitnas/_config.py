@@ -268,6 +268,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping, got {_describe(data)}", path=path)
+    if hasattr(cls, "config_schema"):  # keys declared by a registry (space.PolicyConfig)
+        cls = cls.config_schema()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:

@@ -13,6 +13,8 @@ Every error names the file and the field path, e.g. ``stages[2].depths: 0 is not
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,18 +90,47 @@ class ExitsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyConfig:
-    names: tuple[str, ...] = field(("max_softmax",), nonempty=True, choices=policy.POLICIES,
-                                   doc="exit policies the search may pick: max_softmax, entropy, patience")
-    threshold_range: tuple[float, float] = field((0.5, 1.0), ge=0.0, le=1.0,
-                                                 doc="max_softmax thresholds")
-    entropy_range: tuple[float, float] = field((0.0, 1.5), ge=0.0, doc="entropy thresholds, nats")
-    patience_range: tuple[int, int] = field((1, 3), ge=1, le=4096, doc="patience p (exits that agree)")
+    """The ``policy`` section, read through the policy registry: ``names`` and one
+    ``[low, high]`` key per registered policy's parameters (:class:`exitnas.policy.Param`;
+    ``threshold_range``, ``entropy_range`` and ``patience_range`` for the built-in ones). Its
+    fields are those of :meth:`config_schema`, the subclass made from the registry."""
 
     def __post_init__(self) -> None:
-        for name in ("threshold_range", "entropy_range", "patience_range"):
-            lo, hi = getattr(self, name)
-            if lo > hi:
-                raise ConfigError(f"low end {lo} is above high end {hi}", path=name)
+        for f in dataclasses.fields(self):
+            if f.name != "names":
+                lo, hi = getattr(self, f.name)
+                if lo > hi:
+                    raise ConfigError(f"low end {lo} is above high end {hi}", path=f.name)
+
+    @classmethod
+    def config_schema(cls) -> type["PolicyConfig"]:
+        """The dataclass the section is read with (``_config.from_dict`` asks for it)."""
+        reg = policy.POLICIES
+        return _policy_schema(tuple((n, reg.get(n)) for n in reg.in_order()))
+
+    def __reduce__(self):  # the schema class is made at run time: pickle the values
+        return _read_policy, (to_dict(self),)
+
+
+def _read_policy(data: dict) -> PolicyConfig:
+    return from_dict(PolicyConfig, data)
+
+
+@functools.lru_cache(maxsize=16)
+def _policy_schema(registered: tuple) -> type[PolicyConfig]:
+    """``names`` plus every registered policy's key, in registration order."""
+    doc = f"exit policies the search may pick: {', '.join(n for n, _ in registered)}"
+    fields = [("names", tuple[str, ...], field(("max_softmax",), nonempty=True,
+                                               choices=policy.POLICIES, doc=doc))]
+    for _, cls in registered:
+        p = cls.param
+        if p.key not in (f[0] for f in fields):
+            bounds = {k: v for k, v in (("ge", p.ge), ("le", p.le)) if v is not None}
+            kind = tuple[int, int] if p.integer else tuple[float, float]
+            fields.append((p.key, kind, field(p.default, doc=p.doc, **bounds)))
+    return dataclasses.make_dataclass(
+        "PolicyConfig", fields, bases=(PolicyConfig,), frozen=True, kw_only=True,
+        namespace={"__module__": __name__, "__doc__": PolicyConfig.__doc__})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,7 +261,8 @@ class Space:
     input: InputConfig = field(InputConfig())
     backbone: BackboneConfig
     exits: ExitsConfig = field(ExitsConfig())
-    policy: PolicyConfig = field(PolicyConfig())
+    policy: PolicyConfig = dataclasses.field(
+        default_factory=lambda: PolicyConfig.config_schema()(), metadata={"doc": ""})
     data: DataConfig = field(DataConfig())
     backbone_training: BackboneTrainingConfig = field(BackboneTrainingConfig())
     supernet: SupernetConfig = field(SupernetConfig())

@@ -20,6 +20,8 @@ def reference_rows(cls=Space, prefix: str = "") -> list[tuple[str, str, str, str
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
+        if hasattr(tp, "config_schema"):  # keys declared by a registry (space.PolicyConfig)
+            tp = tp.config_schema()
         if dataclasses.is_dataclass(tp):
             rows += reference_rows(tp, f"{key}.")
             continue
