@@ -23,8 +23,8 @@ is the inherited model's expected MACs on val with ``arch``'s own thresholds. So
 model keeps the cost target the search scored ``arch`` at (a searched arch's thresholds were
 fitted for the search budget, and its expected MACs are at most that) and is compared with the
 inherited one at equal cost. Statistics for fitting are computed on the CPU, as the export and
-its runtime compute them. A policy whose thresholds are not fitted (``patience``) keeps
-``arch``'s parameters.
+its runtime compute them. A policy whose thresholds are not fitted (``Policy.fitted`` false:
+``patience``) keeps ``arch``'s parameters.
 
 Outputs: ``RUN/finetune/<structure id>/<regime>/{model.safetensors, arch.json, metrics.csv,
 checkpoint.pt}``; the structure id is the arch id without its thresholds
@@ -111,13 +111,12 @@ def fit_arch(stats: ArchStats, arch: Arch, space: Space, budget_macs: float) -> 
     from .policy import get_policy
     from .thresholds import fit_thresholds
 
-    span = get_policy(arch.policy).param_range(space.policy)
-    try:
-        fit = fit_thresholds(stats, budget_macs=budget_macs, policy=arch.policy,
-                             value_range=span)
-    except ValueError:  # fit_thresholds does not fit this policy's parameters
+    rule = get_policy(arch.policy)
+    if not rule.fitted:
         s = stats.score(arch.policy, arch.thresholds)
         return arch, {"fitted": False, "accuracy": s.accuracy, "expected_macs": s.expected_macs}
+    fit = fit_thresholds(stats, budget_macs=budget_macs, policy=arch.policy,
+                         value_range=rule.param_range(space.policy))
     return arch.with_thresholds(fit.thresholds), {
         "fitted": True, "start": fit.start, "feasible": fit.feasible, "accuracy": fit.accuracy,
         "expected_macs": fit.expected_macs}

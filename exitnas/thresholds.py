@@ -5,9 +5,12 @@
 
 For one architecture (its per-exit statistics on val, :class:`~exitnas.evaluate.ArchStats`)
 and an expected-cost budget in MACs, find per-exit thresholds with the highest val accuracy
-whose expected MACs stay within the budget. Two starts, each the best feasible point of its
-family: the shared threshold of the sweep (100 values over the policy's range) and, for
-``max_softmax``, MSDNet's budgeted-batch thresholds (p = i/20). From each, coordinate descent:
+whose expected MACs stay within the budget. A policy is fitted when it says so
+(``Policy.fitted``; its numpy rule, an :class:`~exitnas.exit_rules.Threshold`, names the value
+array and the direction: ``max_softmax`` ``conf >= t``, ``entropy`` ``entropy <= t``). Two
+starts, each the best feasible point of its family: the shared threshold of the sweep (100
+values over the policy's range) and, for a policy with ``budgeted_batch`` (``max_softmax``),
+MSDNet's budgeted-batch thresholds (p = i/20). From each, coordinate descent:
 for one exit at a time, with the others fixed, every threshold on the grid is scored exactly
 (one sort of the samples that reach the exit, then prefix sums of what changes when a sample
 leaves there instead of where it would go next), and the best feasible one is kept. A step
@@ -25,7 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
+from . import exit_rules
 from .evaluate import ArchStats
+from .policy import POLICIES
 
 DECIMALS = 4  # the arch id's threshold grid
 SWEEP_POINTS = 100
@@ -46,16 +51,20 @@ class Fit:
 
 @dataclass(frozen=True)
 class _Rule:
-    """A threshold rule ``leave at k when value >= t`` (``below`` False: max_softmax) or
-    ``value <= t`` (``below`` True: entropy), thresholds on a grid within ``lo..hi``."""
+    """A policy's threshold rule ``leave at k when value >= t`` (``below`` False) or
+    ``value <= t`` (``below`` True) over its value array, thresholds on a grid within
+    ``lo..hi``; compared by the rule itself, as the scorer compares."""
 
+    threshold: exit_rules.Threshold
     values: np.ndarray   # [K, N] float32, final exit last (its row is never compared)
-    below: bool
     grid: np.ndarray     # float32, ascending
 
+    @property
+    def below(self) -> bool:
+        return self.threshold.below
+
     def hits(self, k: int, t: float) -> np.ndarray:
-        v, t = self.values[k], np.float32(t)
-        return v <= t if self.below else v >= t
+        return self.threshold.passes(self.values[k], np.float32(t))
 
 
 def _grid(lo: float, hi: float) -> np.ndarray:
@@ -138,24 +147,24 @@ class _Problem:
         return True
 
 
-def _starts(stats: ArchStats, rule: _Rule, policy: str, lo: float, hi: float):
+def _starts(stats: ArchStats, rule: _Rule, budgeted_batch: bool, lo: float, hi: float):
     k = stats.num_exits - 1
     for t in np.linspace(lo, hi, SWEEP_POINTS):
         yield "sweep", [_on_grid(float(t), rule)] * k
-    if policy == "max_softmax":
+    if budgeted_batch:
         from .protocols import budgeted_batch_thresholds
 
         for p in BUDGETED_BATCH_P:
-            ts = budgeted_batch_thresholds(stats.conf, p)
+            ts = budgeted_batch_thresholds(rule.values, p)
             yield "budgeted_batch", [_on_grid(t, rule) for t in ts]
 
 
 def fit_thresholds(stats: ArchStats, *, budget_macs: float, policy: str = "max_softmax",
                    value_range: tuple[float, float] = (0.0, 1.0), rounds: int = 8) -> Fit:
-    """Thresholds of ``policy`` (``max_softmax`` or ``entropy``) for ``stats`` with the best
-    accuracy at expected MACs <= ``budget_macs`` (module docs). ``value_range`` bounds the
-    thresholds (the space's ``policy.threshold_range`` / ``entropy_range``). When no point
-    fits the budget, the cheapest start is returned with ``feasible`` False."""
+    """Thresholds of ``policy`` (a fitted one: ``max_softmax``, ``entropy``...) for ``stats``
+    with the best accuracy at expected MACs <= ``budget_macs`` (module docs). ``value_range``
+    bounds the thresholds (the policy's key of the space, e.g. ``policy.threshold_range``).
+    When no point fits the budget, the cheapest start is returned with ``feasible`` False."""
     return fit_budgets(stats, budgets_macs=(budget_macs,), policy=policy,
                        value_range=value_range, rounds=rounds)[0]
 
@@ -163,16 +172,17 @@ def fit_thresholds(stats: ArchStats, *, budget_macs: float, policy: str = "max_s
 def fit_budgets(stats: ArchStats, *, budgets_macs: Sequence[float], policy: str = "max_softmax",
                 value_range: tuple[float, float] = (0.0, 1.0), rounds: int = 8) -> tuple[Fit, ...]:
     """:func:`fit_thresholds` for several budgets at once (the starts are scored once)."""
-    if policy not in ("max_softmax", "entropy"):
-        raise ValueError(f"thresholds of policy {policy!r} are not fitted (max_softmax, entropy)")
+    pol = POLICIES.get(policy)
+    if not pol.fitted:
+        fitted = [n for n in POLICIES.in_order() if POLICIES.get(n).fitted]
+        raise ValueError(f"thresholds of policy {policy!r} are not fitted ({', '.join(fitted)})")
     lo, hi = value_range
-    values = stats.conf if policy == "max_softmax" else stats.entropy
-    rule = _Rule(values=values, below=policy == "entropy", grid=_grid(lo, hi))
+    rule = _Rule(threshold=pol.rule, values=getattr(stats, pol.rule.stat), grid=_grid(lo, hi))
     probs = [_Problem(stats, rule, b) for b in budgets_macs]
     if stats.num_exits == 1:
         return tuple(_result(stats, policy, [], "none", p) for p in probs)
     scored = []
-    for name, ts in _starts(stats, rule, policy, lo, hi):
+    for name, ts in _starts(stats, rule, pol.budgeted_batch, lo, hi):
         hits, total = probs[0].outcome(probs[0].exit_index(ts))
         scored.append((name, ts, hits, total))
     cheapest = min(scored, key=lambda r: r[3])

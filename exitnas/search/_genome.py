@@ -6,14 +6,17 @@ parameters that the chosen depths or policy make irrelevant are carried but inac
 - ``depth<i>``: stage i's depth (categorical over the space's depths);
 - ``n_exits``: early exits wanted, in [min_exits, max_exits] (capped by the positions);
 - per exit slot k < max_exits: ``exit<k>`` a candidate position at maximum depth
-  (``s1b2``), ``head<k>`` its head design, ``thr<k>`` / ``ent<k>`` its max-softmax / entropy
-  threshold (only those the space's policies use);
-- ``policy`` (when the space allows several) and ``patience``.
+  (``s1b2``), ``head<k>`` its head design, and each per-exit policy's gene (its
+  ``Param.gene`` + k: ``thr<k>`` max-softmax, ``ent<k>`` entropy thresholds), drawn in the
+  policy's ``policy.<key>`` range (only the space's policies);
+- ``policy`` (when the space allows several), then each per-arch policy's gene (``patience``).
 
-With ``search.thresholds: fitted`` (the default) there are no threshold genes: the genome is
-the structure (depths, exits, heads, policy) and decodes with placeholder thresholds (the
-top of ``threshold_range`` / the bottom of ``entropy_range``: no sample leaves early), which
-the objective replaces by thresholds fitted on val (:mod:`exitnas.thresholds`).
+Genes follow the registry's order (:data:`exitnas.policy.POLICIES`); nothing here knows a
+policy by name. With ``search.thresholds: fitted`` (the default) a fitted policy
+(``Policy.fitted``) has no genes: the genome is the structure (depths, exits, heads, policy)
+and decodes with placeholder thresholds (the policy's ``Param.fill`` end of its range: the top
+of ``threshold_range`` / the bottom of ``entropy_range``, where no sample leaves), which the
+objective replaces by thresholds fitted on val (:mod:`exitnas.thresholds`).
 
 Why slots and not one gene per candidate position: with 14 positions and at most 6 exits
 (``resnet_cifar``), a random per-position genome asks for ~11 exits and must be truncated,
@@ -28,6 +31,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..arch import Arch, Exit
+from ..policy import POLICIES, Policy, get_policy
 from ..space import Position, Space
 
 
@@ -50,8 +54,18 @@ class Genome:
         self.min_exits = min(space.exits.min_exits, self.slots)
         self.policies = space.policy.names
         self.fitted = space.search.thresholds == "fitted"
-        self.genes = () if self.fitted else tuple(
-            g for g, p in (("thr", "max_softmax"), ("ent", "entropy")) if p in self.policies)
+        drawn: dict[str, Policy] = {}  # gene -> the (first) policy drawing it
+        for name in POLICIES.in_order():
+            pol = get_policy(name)
+            if name in self.policies and not (self.fitted and pol.fitted):
+                drawn.setdefault(pol.param.gene, pol)
+        self.genes = tuple(drawn)
+        self._per_exit = [p for p in drawn.values() if p.per_exit]
+        self._per_arch = [p for p in drawn.values() if not p.per_exit]
+
+    def _suggest(self, trial, pol: Policy, name: str):
+        lo, hi = pol.param_range(self.space.policy)
+        return trial.suggest_int(name, lo, hi) if pol.integer else trial.suggest_float(name, lo, hi)
 
     # ---- define-by-run ---------------------------------------------------------------------
     def suggest(self, trial) -> dict[str, Any]:
@@ -68,17 +82,21 @@ class Genome:
             out[f"exit{k}"] = trial.suggest_categorical(f"exit{k}", labels)
             if len(sp.exits.heads) > 1:
                 out[f"head{k}"] = trial.suggest_categorical(f"head{k}", list(sp.exits.heads))
-            if "thr" in self.genes:
-                out[f"thr{k}"] = trial.suggest_float(f"thr{k}", *sp.policy.threshold_range)
-            if "ent" in self.genes:
-                out[f"ent{k}"] = trial.suggest_float(f"ent{k}", *sp.policy.entropy_range)
+            for pol in self._per_exit:
+                out[f"{pol.param.gene}{k}"] = self._suggest(trial, pol, f"{pol.param.gene}{k}")
         if len(self.policies) > 1:
             out["policy"] = trial.suggest_categorical("policy", list(self.policies))
-        if "patience" in self.policies:
-            out["patience"] = trial.suggest_int("patience", *sp.policy.patience_range)
+        for pol in self._per_arch:
+            out[pol.param.gene] = self._suggest(trial, pol, pol.param.gene)
         return out
 
     # ---- decoding --------------------------------------------------------------------------
+    def _value(self, params: Mapping[str, Any], pol: Policy, name: str) -> float:
+        """A parameter of ``pol`` from gene ``name``, or its fill where it has no gene."""
+        if pol.param.gene not in self.genes:
+            return float(pol.fill(self.space.policy))
+        return float(int(params[name])) if pol.integer else float(params[name])
+
     def decode(self, params: Mapping[str, Any]) -> Arch:
         """The architecture a parameter dict stands for (always valid in the space)."""
         sp = self.space
@@ -87,6 +105,7 @@ class Genome:
         active = sp.positions(depths)
         n = min(int(params.get("n_exits", self.slots)), len(active))
         policy = str(params.get("policy", self.policies[0]))
+        pol = get_policy(policy)
         taken: dict[Position, int] = {}
         for k in range(self.slots):
             if len(taken) == n:
@@ -97,14 +116,10 @@ class Genome:
         for pos in sorted(taken):
             k = taken[pos]
             exits.append(Exit(pos[0], pos[1], str(params.get(f"head{k}", sp.exits.heads[0]))))
-            if policy == "max_softmax":
-                values.append(float(params[f"thr{k}"]) if "thr" in self.genes
-                              else sp.policy.threshold_range[1])
-            elif policy == "entropy":
-                values.append(float(params[f"ent{k}"]) if "ent" in self.genes
-                              else sp.policy.entropy_range[0])
-        if policy == "patience":
-            values = [float(int(params["patience"]))]
+            if pol.per_exit:
+                values.append(self._value(params, pol, f"{pol.param.gene}{k}"))
+        if not pol.per_exit:
+            values = [self._value(params, pol, pol.param.gene)]
         return Arch(depths=depths, exits=tuple(exits), policy=policy, thresholds=tuple(values))
 
     @staticmethod
@@ -119,6 +134,13 @@ class Genome:
             i = active.index(pos)
             pos = next(p for p in active[i:] + active[:i] if p not in taken)
         return pos
+
+    def _gene(self, arch: Arch, pol: Policy, k: int | None) -> Any:
+        """Gene of ``pol`` for ``arch``: its parameter ``k`` when ``arch`` uses ``pol`` (None:
+        the slot holds no exit), else the policy's fill."""
+        mine = arch.policy == pol.name and k is not None
+        v = arch.thresholds[k] if mine else pol.fill(self.space.policy)
+        return int(v) if pol.integer else v
 
     def encode(self, arch: Arch) -> dict[str, Any]:
         """Parameters that decode to ``arch`` (to enqueue known architectures)."""
@@ -135,16 +157,10 @@ class Genome:
             out[f"exit{k}"] = position_label(e.position) if e else fill[-1]
             if len(sp.exits.heads) > 1:
                 out[f"head{k}"] = e.head if e else sp.exits.heads[0]
-            t = arch.thresholds[k] if e and arch.policy in ("max_softmax", "entropy") else None
-            if "thr" in self.genes:
-                out[f"thr{k}"] = t if arch.policy == "max_softmax" and t is not None \
-                    else sp.policy.threshold_range[1]
-            if "ent" in self.genes:
-                out[f"ent{k}"] = t if arch.policy == "entropy" and t is not None \
-                    else sp.policy.entropy_range[0]
+            for pol in self._per_exit:
+                out[f"{pol.param.gene}{k}"] = self._gene(arch, pol, k if e else None)
         if len(self.policies) > 1:
             out["policy"] = arch.policy
-        if "patience" in self.policies:
-            out["patience"] = int(arch.thresholds[0]) if arch.policy == "patience" \
-                else sp.policy.patience_range[0]
+        for pol in self._per_arch:
+            out[pol.param.gene] = self._gene(arch, pol, 0)
         return out

@@ -140,7 +140,8 @@ class TrialRecord:
 @dataclass(frozen=True)
 class Fitter:
     """Fits a trial's thresholds on val for each deploy budget (``budgets``, MACs,
-    ascending); ``ranges`` holds the fitted policies' threshold ranges."""
+    ascending); ``ranges`` holds the threshold ranges of the space's fitted policies
+    (``Policy.fitted``)."""
 
     budgets: tuple[float, ...]
     ranges: Mapping[str, tuple[float, float]]
@@ -150,9 +151,11 @@ class Fitter:
     def from_space(cls, space, budget: Budget) -> "Fitter | None":
         if space.search.thresholds != "fitted":
             return None
-        p = space.policy
-        return cls(budget.deploy_macs, {"max_softmax": tuple(p.threshold_range),
-                                        "entropy": tuple(p.entropy_range)}, budget.backbone_macs)
+        from ..policy import get_policy
+
+        fitted = [p for p in map(get_policy, space.policy.names) if p.fitted]
+        return cls(budget.deploy_macs, {p.name: p.param_range(space.policy) for p in fitted},
+                   budget.backbone_macs)
 
     def fit(self, cache: ExitCache, arch: Arch, costs: CostTable) -> tuple[Arch, tuple[dict, ...]]:
         """(arch with the largest budget's thresholds, one dict per budget: budget_macs,
@@ -164,7 +167,7 @@ class Fitter:
                                policy=arch.policy, value_range=self.ranges[arch.policy])
             rows = [(f.thresholds, f.accuracy, f.expected_macs, f.feasible) for f in fits]
             arch = arch.with_thresholds(fits[-1].thresholds)
-        else:  # nothing to fit (patience): the arch's own rule at every budget
+        else:  # a policy that is not fitted (patience): the arch's own rule at every budget
             s = score(cache, arch, costs)
             rows = [(arch.thresholds, s.accuracy, s.expected_macs, s.expected_macs <= b)
                     for b in self.budgets]
