@@ -1,6 +1,10 @@
 """Datasets as decoded uint8 tensors in memory, split into train / val / test.
 
-Sources: ``digits`` (scikit-learn's bundled 8x8 digits: no download), ``synthetic`` (class
+Datasets are functions in the :data:`DATASETS` registry, named by ``data.dataset``: each takes
+the :class:`~exitnas.space.Space` and returns ``(train, test, classes)`` as :class:`TensorSet`
+(uint8 images ``[N, C, H, W]``, int64 labels) and class names; :func:`load_splits` checks the
+shapes, holds val out of train and normalises. Add your own with ``@DATASETS.register("name")``.
+Built in: ``digits`` (scikit-learn's bundled 8x8 digits: no download), ``synthetic`` (class
 templates plus noise, for tests), ``cifar10`` / ``cifar100`` (torchvision, ``download`` flag),
 ``imagefolder`` (``root/train/<class>/*`` and ``root/test/<class>/*``). Decoded images are cached
 as safetensors under ``root/.exitnas-cache`` so a second run skips JPEG decoding.
@@ -14,13 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 
 from .errors import DataError
-from .space import Space
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .space import Space
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,23 @@ class Splits:
     std: tuple[float, ...]
 
 
-def _digits() -> tuple[TensorSet, TensorSet, tuple[str, ...]]:
+Loaded = tuple[TensorSet, TensorSet, tuple[str, ...]]  # (train, test, class names)
+DATASETS: Registry[Callable[["Space"], Loaded]] = Registry("dataset")
+
+
+def dataset_doc() -> str:
+    """The ``data.dataset`` reference text: every registered dataset with its docstring's
+    first line."""
+    parts = [f"{n}: {(DATASETS.get(n).__doc__ or '').strip().splitlines()[0].rstrip('.')}"
+             for n in DATASETS.names()]
+    return "registered dataset (exitnas.data.DATASETS): " + "; ".join(parts)
+
+
+@DATASETS.register("digits")
+def digits(space: Space) -> Loaded:
+    """scikit-learn 8x8 digits, bundled (1 channel, 10 classes).
+
+    The set ships without a test split: a fixed 20 % is held out (seed 1234)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -57,7 +80,11 @@ def _digits() -> tuple[TensorSet, TensorSet, tuple[str, ...]]:
     return full.subset(perm[n_test:]), full.subset(perm[:n_test]), tuple(str(i) for i in range(10))
 
 
-def _synthetic(space: Space) -> tuple[TensorSet, TensorSet, tuple[str, ...]]:
+@DATASETS.register("synthetic")
+def synthetic(space: Space) -> Loaded:
+    """class templates plus noise, for tests.
+
+    ``data.synthetic_size`` images, a quarter of them the test split."""
     g = torch.Generator().manual_seed(4321)
     c, s, k = space.input.channels, space.input.size, space.num_classes
     templates = torch.rand(k, c, s, s, generator=g)
@@ -71,10 +98,7 @@ def _synthetic(space: Space) -> tuple[TensorSet, TensorSet, tuple[str, ...]]:
         tuple(f"class{i}" for i in range(k))
 
 
-def _cifar(space: Space, name: str) -> tuple[TensorSet, TensorSet, tuple[str, ...]]:
-    import torchvision
-
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+def _torchvision_cifar(space: Space, name: str, cls) -> Loaded:
     root = space.data.root or "data"
     try:
         train = cls(root, train=True, download=space.data.download)
@@ -88,6 +112,26 @@ def _cifar(space: Space, name: str) -> tuple[TensorSet, TensorSet, tuple[str, ..
                          torch.tensor(ds.targets, dtype=torch.int64))
 
     return conv(train), conv(test), tuple(train.classes)
+
+
+@DATASETS.register("cifar10")
+def cifar10(space: Space) -> Loaded:
+    """torchvision CIFAR-10 under data.root.
+
+    ``data.download`` lets torchvision fetch it."""
+    import torchvision
+
+    return _torchvision_cifar(space, "cifar10", torchvision.datasets.CIFAR10)
+
+
+@DATASETS.register("cifar100")
+def cifar100(space: Space) -> Loaded:
+    """torchvision CIFAR-100 under data.root.
+
+    ``data.download`` lets torchvision fetch it."""
+    import torchvision
+
+    return _torchvision_cifar(space, "cifar100", torchvision.datasets.CIFAR100)
 
 
 def _decode_folder(folder: Path, classes: list[str], channels: int, size: int) -> TensorSet:
@@ -110,7 +154,12 @@ def _decode_folder(folder: Path, classes: list[str], channels: int, size: int) -
                      torch.tensor(labels, dtype=torch.int64))
 
 
-def _imagefolder(space: Space) -> tuple[TensorSet, TensorSet, tuple[str, ...]]:
+@DATASETS.register("imagefolder")
+def imagefolder(space: Space) -> Loaded:
+    """data.root holding train/ and test/ class folders.
+
+    ``root/train/<class>/*`` and ``root/test/<class>/*``, decoded once into
+    ``root/.exitnas-cache``."""
     from safetensors.torch import load_file, save_file
 
     if not space.data.root:
@@ -147,16 +196,10 @@ def _imagefolder(space: Space) -> tuple[TensorSet, TensorSet, tuple[str, ...]]:
 
 
 def load_splits(space: Space) -> Splits:
-    """Load the space's dataset and split it; checks shapes against ``space.input``."""
+    """Load the space's dataset (``DATASETS[data.dataset]``) and split it; checks shapes
+    against ``space.input``."""
     cfg = space.data
-    if cfg.dataset == "digits":
-        train, test, classes = _digits()
-    elif cfg.dataset == "synthetic":
-        train, test, classes = _synthetic(space)
-    elif cfg.dataset in ("cifar10", "cifar100"):
-        train, test, classes = _cifar(space, cfg.dataset)
-    else:
-        train, test, classes = _imagefolder(space)
+    train, test, classes = DATASETS.get(cfg.dataset)(space)
     shape = tuple(train.images.shape[1:])
     want = (space.input.channels, space.input.size, space.input.size)
     if shape != want:

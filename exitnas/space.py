@@ -22,7 +22,7 @@ from typing import Literal
 
 import yaml
 
-from . import blocks, heads, losses, policy
+from . import blocks, data, heads, losses, policy
 from ._config import field, from_dict, read_yaml, to_dict, with_overrides
 from .errors import ConfigError
 
@@ -135,8 +135,7 @@ def _policy_schema(registered: tuple) -> type[PolicyConfig]:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = field(
-        "digits", doc="digits: scikit-learn 8x8 (bundled); synthetic: for tests")
+    dataset: str = field("digits", choices=data.DATASETS, doc=data.dataset_doc())
     root: str | None = field(None, doc="dataset folder (cifar*: torchvision root; imagefolder: "
                                        "holds train/ and test/)")
     download: bool = field(False, doc="let torchvision download CIFAR")

@@ -213,3 +213,62 @@ def test_cifar10_jpeg_imagefolder(cifar10_root, tiny_space):
     s = load_splits(space)
     assert len(s.train) + len(s.val) == 50_000 and len(s.test) == 10_000
     assert s.classes[0] == "airplane"
+
+
+@pytest.fixture
+def scratch_datasets(monkeypatch):
+    """Datasets a test registers leave with it: the registry is module-level."""
+    from exitnas.data import DATASETS
+
+    monkeypatch.setattr(DATASETS, "_items", dict(DATASETS._items))
+    return DATASETS
+
+
+def test_a_dataset_registered_here_loads_and_trains_a_supernet(scratch_datasets, tiny_space,
+                                                              tmp_path):
+    """A user's dataset is one registered function: before registration ``data.dataset``
+    refuses its name in one line; after it, load_splits holds val out of its train split,
+    keeps its test split, and one epoch of supernet training runs on it."""
+    from exitnas.errors import ConfigError
+    from exitnas.rundir import RunDir
+    from exitnas.space import load_space
+    from exitnas.train import train_supernet
+    from exitnas.data import TensorSet
+    from conftest import TEST_DATA
+
+    with pytest.raises(ConfigError) as refused:
+        load_space(TEST_DATA / "tiny.yaml", {"data.dataset": "stripes"})
+    assert "data.dataset: unknown value 'stripes'" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    g = torch.Generator().manual_seed(7)
+    calls = []
+
+    def make(n: int) -> TensorSet:
+        labels = torch.arange(n) % 4
+        images = torch.randint(0, 60, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+        for k in range(4):  # class k: bright rows k and k + 4
+            images[labels == k, :, k::4, :] += 180
+        return TensorSet(images, labels)
+
+    train, test = make(160), make(40)
+
+    @scratch_datasets.register("stripes")
+    def stripes(space):
+        """four classes of bright rows, for this test."""
+        calls.append(space.data.dataset)
+        return train, test, ("r0", "r1", "r2", "r3")
+
+    space = load_space(TEST_DATA / "tiny.yaml", {"data.dataset": "stripes",
+                                                 "supernet.epochs": 1})
+    s = load_splits(space)
+    assert calls == ["stripes"] and s.classes == ("r0", "r1", "r2", "r3")
+    assert torch.equal(s.test.images, test.images) and torch.equal(s.test.labels, test.labels)
+    assert len(s.val) == 16 and len(s.train) == 144
+    rows = {bytes(x.numpy()) for x in train.images}
+    assert {bytes(x.numpy()) for x in torch.cat([s.train.images, s.val.images])} == rows
+    run = RunDir(tmp_path / "run")
+    run.init(space)
+    result = train_supernet(run, space, log=None)  # loads the splits itself
+    assert calls == ["stripes", "stripes"]
+    assert result.weights.is_file() and len(result.history) == 1
+    assert 0.0 <= result.history[0]["val_acc_largest"] <= 1.0
