@@ -126,6 +126,7 @@ def rerun(space, net, splits, archs: int, store=None) -> dict:
     from exitnas.cost import cost_table
     from exitnas.data import batches
     from exitnas.search import Genome
+    from exitnas.supernet import calibration_batches
 
     genome = Genome(space)
     costs = cost_table(space)
@@ -141,11 +142,7 @@ def rerun(space, net, splits, archs: int, store=None) -> dict:
             rows = cache.rows(arch)[:-1]
             arch = arch.with_thresholds(tuple(float(cache.conf[r].median()) for r in rows),
                                         policy="max_softmax")
-        calib = batches(splits.train, batch_size=cfg.batch_size, mean=splits.mean, std=splits.std,
-                        shuffle=True, seed=space.supernet.seed)
-        net.recalibrate_bn(arch.depths, (b for _, b in zip(range(space.supernet.bn_calib_batches),
-                                                            calib)))
-        model = net.extract(arch).eval()
+        model = net.extract(arch, calib=calibration_batches(space, splits)).eval()
         correct, exits = 0, []
         with torch.no_grad():
             for x, y in batches(splits.val, batch_size=cfg.eval_batch_size, mean=splits.mean,

@@ -5,17 +5,10 @@ import os
 import platform
 from pathlib import Path
 
+from exitnas.report import markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "search"
-
-
-def markdown(df) -> str:
-    cols = list(df.columns)
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in df.iterrows():
-        out.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v)
-                                     for v in row) + " |")
-    return "\n".join(out)
 
 
 def write_readme(args, loads) -> None:
@@ -76,7 +69,7 @@ ratios.
 
 ## Throughput (`throughput.csv`)
 
-{markdown(df)}
+{markdown(df, digits=3).rstrip()}
 
 The default (in-process Optuna NSGA-II, journal file `RUN/search/study.log`) runs
 **{default['trials_per_s']:.0f} trials/s** on quickstart, {default['speedup_vs_rerun']:.0f}x the
@@ -97,11 +90,11 @@ re-running.
 
 ## Scaling along one study (`scaling.csv`, default journal storage, quickstart)
 
-{markdown(sc)}
+{markdown(sc, digits=3).rstrip()}
 
 ## Where an in-process trial's time goes (`breakdown.csv`, quickstart, {args.trials} trials)
 
-{markdown(bd)}
+{markdown(bd, digits=3).rstrip()}
 
 The NSGA-II sampler is the largest share, so it was profiled (cProfile). Optuna 5.0's
 `NSGAIISampler` walks every trial of the study on every ask — `get_trial_generation` scans all
@@ -120,7 +113,7 @@ the cache is a small share; "commit" is one journal append plus the commit lock.
 Hypervolume of the feasible front in the (accuracy, expected MACs / backbone MACs) plane; the
 reference point (accuracy 0, relative cost = the budget) is in every run's `hypervolume.json`.
 
-{markdown(agg)}
+{markdown(agg, digits=3).rstrip()}
 
 {chr(10).join(gains)}
 
@@ -129,7 +122,7 @@ cheap points that random search finds as easily as NSGA-II. The CIFAR-10 superne
 trade-off (27 depth settings, up to 6 of 8 positions x 3 heads, per-exit thresholds), where
 NSGA-II's front dominates more at equal trials. Per seed:
 
-{markdown(hvdf)}
+{markdown(hvdf, digits=3).rstrip()}
 {sampler_section(load.get('sampler', '?'))}"""
     (OUT / "README.md").write_text(text)
 
@@ -161,7 +154,7 @@ the same sampled architectures (checked). Load average {load} at the start of th
 speedup = Optuna's seconds / exitnas' seconds (> 1: the indexed sampler is faster); median and
 range over the pairs.
 
-{markdown(sm)}
+{markdown(sm, digits=3).rstrip()}
 
 Verdict: {verdict}.
 """

@@ -30,6 +30,7 @@ from .io import load_weights, save_weights
 from .loop import (Dist, LoopSpec, Phase, StepResult, accuracy, claim_step, default_device,
                    run_loop, seeded_supernet)
 from .rundir import RunDir
+from .runtime import sha256_file as file_sha256  # noqa: F401  (benchmarks import this name)
 from .space import Space
 
 BACKBONE_PREFIXES = ("stem.", "stages.", "final.")
@@ -79,16 +80,6 @@ def backbone_file(run_dir: RunDir, space: Space) -> Path:
                           "backbone/weights.safetensors); run `exitnas train-backbone` first, set "
                           "backbone.weights, or set supernet.init=scratch")
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _FinalExitStep(nn.Module):

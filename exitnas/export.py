@@ -32,8 +32,6 @@ a kill -9 leaves the old or the new export whole.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -44,14 +42,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import _onnx
 from .arch import Arch
-from .errors import CheckpointError, ExitnasError, RunDirError
+from .errors import ExitnasError, RunDirError
 from .model import MultiExitModel
 from .runtime import FORMAT, FORMAT_VERSION, sha256_file
 from .rundir import RunDir
 from .space import Space
 
 EXAMPLE_BATCH = 2  # traced batch; the exported batch dimension is dynamic (>= 1)
+_to_onnx = _onnx.to_onnx  # the export's own ONNX conversion (tests/test_heads.py uses it)
 
 
 class OnnxExportError(ExitnasError):
@@ -87,19 +87,6 @@ def _supernet_source(path: Path, space: Space, arch: Arch, splits, kind: str) ->
                                        "seed": space.supernet.seed}}
 
 
-def _model_from_state(path: Path, state: dict, space: Space, arch: Arch) -> MultiExitModel:
-    from .supernet import build_model
-
-    with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: keep the RNG
-        model = build_model(space, arch)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit arch {arch.id} "
-                              f"({str(err).splitlines()[0]})") from None
-    return model.eval()
-
-
 def _retrained(run: RunDir, space: Space, arch: Arch):
     """(model.safetensors, regime) retrained for ``arch``: its own id first, then archs with the
     same depths and exits but other thresholds (thresholds do not change trained weights); the
@@ -127,16 +114,17 @@ def resolve_weights(run: RunDir, space: Space, arch: Arch, splits,
     """The model to export and a description of its source: ``weights`` (a model or supernet
     safetensors), else the retrained model (see :func:`_retrained`), else the supernet."""
     from .io import load_weights
+    from .supernet import load_model
 
     if weights is not None:
         path = Path(weights)
         state = load_weights(path)  # refuses pickles
         if any(k.startswith("segments.") for k in state):
-            return _model_from_state(path, state, space, arch), {
+            return load_model(space, arch, path, state), {
                 "kind": "weights", "path": str(path), "weights": "model"}
         return _supernet_source(path, space, arch, splits, "weights")
     for path, regime in _retrained(run, space, arch):
-        return _model_from_state(path, load_weights(path), space, arch), {
+        return load_model(space, arch, path), {
             "kind": "retrain", "path": str(path), "regime": regime, "weights": "model"}
     path = run.path / "supernet" / "weights.safetensors"
     if path.is_file():
@@ -161,75 +149,6 @@ def _graphs(model: MultiExitModel, shape: tuple[int, ...]) -> list[tuple[str, nn
 
 def _shape(t) -> list:
     return [None, *t.shape[1:]]
-
-
-def _onnx_missing() -> str | None:
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        return f"{err.name} is not installed (pip install 'exitnas[onnx]')"
-    return None
-
-
-def _onnx_decompositions() -> dict:
-    """Ops ONNX lacks at some shapes, written with ops it has (exactly, see exitnas.heads)."""
-    from .heads import adaptive_max_pool2d_windows
-
-    return {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_windows}
-
-
-def _to_onnx(ep, args: tuple, path: Path, n_out: int) -> None:
-    """Write ``ep`` (called on ``args``) as ONNX: inputs x (x_0, x_1... when ``args`` hold
-    several tensors), outputs logits (logits_0, logits_1...)."""
-    names = ["logits"] if n_out == 1 else [f"logits_{k}" for k in range(n_out)]
-    n_in = len(torch.utils._pytree.tree_leaves(args))
-    inputs = ["x"] if n_in == 1 else [f"x_{k}" for k in range(n_in)]
-    table = _onnx_decompositions()
-    if any(n.target in table for n in ep.graph.nodes):
-        ep = ep.run_decompositions(table)
-    # the dynamo exporter prints progress lines; keep the CLI's output ours
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(ep, args, str(path), dynamo=True, external_data=False,
-                          input_names=inputs, output_names=names)
-
-
-def _onnx_failure(err: BaseException) -> str:
-    """What an ONNX conversion failed on, in one line: the op (from the exporter's chained
-    errors) and the innermost error's first line."""
-    import re
-
-    chain, inner = [], err
-    while inner is not None and inner not in chain:
-        chain.append(inner)
-        inner = inner.__cause__ or inner.__context__
-    op = None
-    for e in chain:
-        found = re.search(r"OpOverload\(op='([\w.:]+)', overload='(\w+)'\)", str(e)) or \
-            re.search(r"target=torch\.ops\.([\w.]+)\]", str(e))
-        op = op or (found and ".".join(found.groups()))
-    text = (str(chain[-1]).strip().splitlines() or [""])[0][:200]
-    if op and "No ONNX function found" in text:
-        return f"op {op} has no ONNX function"
-    return (f"at op {op}: " if op else "") + f"{type(chain[-1]).__name__}: {text}"
-
-
-def _onnx_check(path: Path, x: torch.Tensor, ref) -> float:
-    """Max abs difference between ONNX Runtime and torch on the example input (nan when
-    onnxruntime is absent); raises when it is not float32 round-off."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return float("nan")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    refs = ref if isinstance(ref, (list, tuple)) else [ref]
-    diff = max(float((torch.from_numpy(g) - r).abs().max()) for g, r in zip(got, refs))
-    if not diff <= 1e-3 * (1 + max(float(r.abs().max()) for r in refs)):
-        raise RuntimeError(f"ONNX Runtime differs from torch by {diff:g}")
-    return diff
 
 
 # ---- the manifest -------------------------------------------------------------------------
@@ -286,26 +205,6 @@ def _file_entry(root: Path, name: str) -> dict:
     return entry
 
 
-def _write_onnx(tmp: Path, programs: list, graphs: dict) -> str | None:
-    """The ONNX file of every program, each checked on ONNX Runtime against torch. Returns None
-    when all are written; at the first graph that fails, removes the ONNX files written so far
-    and returns why."""
-    for name, ep, x, ref, n_out in programs:
-        try:
-            _to_onnx(ep, (x,), tmp / f"{name}.onnx", n_out)
-            diff = _onnx_check(tmp / f"{name}.onnx", x, ref)
-        except Exception as err:  # an optional exporter: never lose the required outputs
-            for f in tmp.glob("*.onnx"):
-                f.unlink()
-            for g in graphs.values():
-                g.pop("onnx", None)
-                g.pop("onnx_max_abs_diff", None)
-            return f"ONNX export of graph {name} failed: {_onnx_failure(err)}"
-        graphs[name]["onnx"] = f"{name}.onnx"
-        graphs[name]["onnx_max_abs_diff"] = diff
-    return None
-
-
 def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, source: dict,
                  out: str | os.PathLike, onnx: bool = True) -> ExportResult:
     """Write the export of ``model`` (eval mode) to ``out`` atomically. Raises
@@ -324,7 +223,7 @@ def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, sou
         save_weights(tmp / "weights.safetensors", state, {"arch": arch.id, "space": space.name})
         os.chmod(tmp / "weights.safetensors", 0o666 & ~_umask())  # mkstemp made it 0600
         onnx_skipped = None if onnx else "--no-onnx"
-        onnx_skipped = onnx_skipped or _onnx_missing()
+        onnx_skipped = onnx_skipped or _onnx.missing()
         shape = (space.input.channels, space.input.size, space.input.size)
         batch = torch.export.Dim("batch", min=1)
         graphs: dict[str, dict] = {}
@@ -340,7 +239,7 @@ def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, sou
                             "output": [_shape(o) for o in outs] if name == "model" else _shape(outs[0])}
             programs.append((name, ep, x, ref, len(outs)))
         if onnx_skipped is None:
-            onnx_skipped = failed = _write_onnx(tmp, programs, graphs)
+            onnx_skipped = failed = _onnx.write_all(tmp, programs, graphs)
         manifest = _manifest(space=space, arch=arch, splits=splits, source=source, graphs=graphs,
                              onnx_skipped=onnx_skipped)
         names = sorted(p.name for p in tmp.iterdir())

@@ -83,12 +83,12 @@ class FinetuneResult:
 
 def finetune_settings(space: Space, epochs: int, supernet: Path) -> dict:
     """What shapes a fine-tuning run; a checkpoint made with other values is not resumed."""
-    from .backbone import file_sha256
+    from .runtime import sha256_file
 
     cfg = to_dict(space.retrain)
     keep = ("loss", "loss_temperature", "loss_weight", "optim", "seed", "channels_last")
     return {"finetune": {"epochs": epochs, **{k: cfg[k] for k in keep}},
-            "data": to_dict(space.data), "supernet_sha256": file_sha256(supernet),
+            "data": to_dict(space.data), "supernet_sha256": sha256_file(supernet),
             "bn_calib": {"batches": space.supernet.bn_calib_batches,
                          "seed": space.supernet.seed}}
 

@@ -73,13 +73,14 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .runtime import is_pickle_head
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     with open(path, "rb") as fh:
         head = fh.read(9)
-    # safetensors: an 8-byte little-endian header length, then the JSON header ('{')
-    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
+    if is_pickle_head(head):
         raise CheckpointError(f"{path}: is a pickle / torch.save archive, not safetensors; refusing to load it")
     try:
         return load_file(str(path))

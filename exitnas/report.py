@@ -25,7 +25,7 @@ import pandas as pd
 
 from . import protocols as P
 from .arch import Arch
-from .errors import CheckpointError, RunDirError
+from .errors import RunDirError
 from .evaluate import ArchStats
 from .rundir import RunDir
 
@@ -79,16 +79,10 @@ def find_models(run: RunDir) -> list[ModelEntry]:
 
 
 def load_model(space, entry: ModelEntry):
-    from .io import load_weights
-    from .supernet import build_model
+    """The model of a report entry (eval mode): :func:`exitnas.supernet.load_model`."""
+    from .supernet import load_model as load
 
-    model = build_model(space, entry.arch.validate(space))
-    try:
-        model.load_state_dict(load_weights(entry.weights))
-    except RuntimeError as err:
-        raise CheckpointError(f"{entry.weights}: weights do not fit arch {entry.arch.id} "
-                              f"({str(err).splitlines()[0]})") from None
-    return model.eval()
+    return load(space, entry.arch.validate(space), entry.weights)
 
 
 def _fmt_params(values) -> str:

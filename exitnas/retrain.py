@@ -40,7 +40,7 @@ from ._config import to_dict
 from .arch import Arch
 from .data import Splits, load_splits
 from .errors import ConfigError, RunDirError
-from .io import atomic_write_json, load_weights, save_weights
+from .io import atomic_write_json, save_weights
 from .loop import (Dist, Epoch, LoopSpec, Phase, accuracy, default_device, open_checkpoint,
                    per_rank_batch, run_loop)
 from .losses import ExitLoss, loss_from_config
@@ -127,13 +127,14 @@ def reinit_heads(model: MultiExitModel, space: Space, arch: Arch, *, seed: int) 
 def retrain_settings(space: Space, run_dir: RunDir | None = None) -> dict:
     """What shapes a retrain run (with ``retrain.phase1: backbone``, the sha256 of the
     backbone); a checkpoint made with other values is not resumed."""
-    from .backbone import backbone_file, file_sha256
+    from .backbone import backbone_file
+    from .runtime import sha256_file
 
     cfg = to_dict(space.retrain)
     cfg.pop("regime")  # part of the identity (and of the output path)
     out = {"retrain": cfg, "data": to_dict(space.data)}
     if space.retrain.phase1 == "backbone" and run_dir is not None:
-        out["backbone_sha256"] = file_sha256(backbone_file(run_dir, space))
+        out["backbone_sha256"] = sha256_file(backbone_file(run_dir, space))
     return out
 
 
@@ -302,19 +303,9 @@ def retrain(run_dir: RunDir, arch: Arch, *, space: Space, regime: str | None = N
 
 def load_retrained(run_dir: RunDir, arch: Arch, regime: str, space: Space) -> MultiExitModel:
     """The model written by :func:`retrain` (eval mode)."""
-    from .supernet import build_model
+    from .supernet import load_model
 
-    from .errors import CheckpointError
-
-    path = retrain_dir(run_dir, arch, regime) / "model.safetensors"
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(space, arch)
-    try:
-        model.load_state_dict(load_weights(path))
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit arch {arch.id} "
-                              f"({str(err).splitlines()[0]})") from None
-    return model.eval()
+    return load_model(space, arch, retrain_dir(run_dir, arch, regime) / "model.safetensors")
 
 
 __all__ = ["REGIMES", "phase_plan", "retrain", "RetrainResult", "retrain_dir", "set_phase",

@@ -87,14 +87,18 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def is_pickle_head(head: bytes) -> bool:
+    """Whether a file's first 9 bytes are a pickle (0x80) or a torch.save zip ("PK"), not
+    safetensors: an 8-byte header length (any first byte, 0x80 included), then '{'."""
+    return head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK")
+
+
 def read_safetensors_header(path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} from a safetensors header; refuses pickles and zips."""
     path = Path(path)
     with open(path, "rb") as fh:
         head = fh.read(9)
-        # safetensors starts with an 8-byte header length (any first byte, 0x80 included)
-        # followed by the JSON header; a pickle starts 0x80, a torch.save zip "PK"
-        if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
+        if is_pickle_head(head):
             raise ExportError(f"{path}: is a pickle / torch.save archive, not safetensors; "
                               "refusing to load it")
         fh.seek(8)

@@ -189,20 +189,26 @@ class Supernet(nn.Module):
                               thresholds=arch.thresholds, exit_names=names)
 
 
-def weights_digest(module: nn.Module) -> str:
-    """Short sha256 of a module's state dict (names, shapes and bytes): keys caches to weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def build_model(space: Space, arch: Arch, *, seed: int | None = None) -> MultiExitModel:
     """A freshly initialised standalone model for ``arch`` (for training from scratch)."""
     if seed is not None:
         torch.manual_seed(seed)
     return Supernet(space).extract(arch)
+
+
+def load_model(space: Space, arch: Arch, path, state: dict | None = None) -> MultiExitModel:
+    """The standalone model of ``arch`` with the weights of ``path`` (a MultiExitModel
+    safetensors; ``state``: its state dict, already read), in eval mode. The global RNG is
+    left as it was; weights that do not fit the arch raise one-line CheckpointError."""
+    from .errors import CheckpointError
+    from .io import load_weights
+
+    state = load_weights(path) if state is None else state  # refuses pickles
+    with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: keep the RNG
+        model = build_model(space, arch)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit arch {arch.id} "
+                              f"({str(err).splitlines()[0]})") from None
+    return model.eval()

@@ -183,11 +183,11 @@ SupernetResult = StepResult  # the step's outputs (exitnas.loop.StepResult)
 def supernet_settings(space: Space, backbone: Path | None = None) -> dict:
     """What shapes a supernet run (with the sha256 of the backbone it grows from); a
     checkpoint made with other values is not resumed."""
-    from .backbone import file_sha256
+    from .runtime import sha256_file
 
     out = {"supernet": to_dict(space.supernet), "data": to_dict(space.data)}
     if backbone is not None:
-        out["backbone_sha256"] = file_sha256(backbone)
+        out["backbone_sha256"] = sha256_file(backbone)
     return out
 
 

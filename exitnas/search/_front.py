@@ -87,21 +87,13 @@ def summarise(study, budget: Budget) -> FrontSummary:
                         front=front, hypervolume=hv, reference=ref)
 
 
-def _markdown(df) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in df.iterrows():
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def write_outputs(folder: Path, study, budget: Budget, *, study_name: str,
                   storage: str) -> FrontSummary:
     """Write trials.csv, front.csv, front.md, front.png and hypervolume.json (atomically)."""
     import pandas as pd
 
     from ..io import atomic_path, atomic_write_json, atomic_write_text
+    from ..report import markdown
 
     folder.mkdir(parents=True, exist_ok=True)
     s = summarise(study, budget)
@@ -126,8 +118,8 @@ def write_outputs(folder: Path, study, budget: Budget, *, study_name: str,
              f"Hypervolume in (accuracy, relative cost): {s.hypervolume:.4f}, reference point "
              f"(accuracy {s.reference['accuracy']}, relative cost "
              f"{s.reference['relative_cost']:.3f}).", "",
-             _markdown(front[["trial", "accuracy", "expected_macs", "relative_cost", "n_exits",
-                              "arch_id"]])]
+             markdown(front[["trial", "accuracy", "expected_macs", "relative_cost", "n_exits",
+                             "arch_id"]], digits=3)]
     atomic_write_text(folder / "front.md", "\n".join(lines))
     atomic_write_json(folder / "hypervolume.json", {
         "hypervolume": s.hypervolume,

@@ -11,7 +11,6 @@ last, the front is written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ from ..cost import cost_table
 from ..errors import RunDirError
 from ..io import atomic_write_json
 from ..rundir import RunDir
+from ..runtime import sha256_file
 from ._backend import BACKENDS, SearchContext
 from ._budget import resolve_budget
 from ._front import FrontSummary, write_outputs
@@ -75,14 +75,6 @@ def check_weights(space, path: Path) -> None:
     from ..supernet import Supernet
 
     Supernet(space).load(path)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def open_study(storage: OpenedStorage, name: str, *, identity: dict):
@@ -158,7 +150,7 @@ def search_context(run_dir, options: SearchOptions = SearchOptions(), *,
                                study_name=options.study_name,
                                default_name=f"exitnas-{space.name}-{run.path.resolve().name}")
     identity = {"space": space.name, "fingerprint": space.fingerprint,
-                "weights": file_digest(weights), "budget": budget.to_json(),
+                "weights": sha256_file(weights)[:16], "budget": budget.to_json(),
                 "thresholds": cfg.thresholds}
     storage = spec.connect()
     study = open_study(storage, name, identity=identity)
