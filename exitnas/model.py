@@ -48,16 +48,6 @@ class MultiExitModel(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.forward_exits(x)
 
-    def backbone_parameters(self):
-        """Parameters of the backbone (segments and the final head): what phase 1 trains."""
-        yield from self.segments.parameters()
-        yield from self.heads[-1].parameters()
-
-    def exit_head_parameters(self):
-        """Parameters of the early-exit heads."""
-        for head in self.heads[:-1]:
-            yield from head.parameters()
-
     @torch.no_grad()
     def predict(self, x: torch.Tensor, thresholds: tuple[float, ...] | None = None,
                 policy: str | None = None) -> Prediction:

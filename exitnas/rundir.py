@@ -19,7 +19,7 @@ import yaml
 
 from .errors import RunDirError
 from .io import atomic_write_text
-from .space import Space, dump_space, load_space
+from .space import Space, load_space
 from ._config import to_dict
 
 
@@ -69,4 +69,4 @@ class RunDir:
         return p
 
 
-__all__ = ["RunDir", "dump_space"]
+__all__ = ["RunDir"]

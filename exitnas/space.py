@@ -354,9 +354,5 @@ def load_space(path: str | Path, overrides: dict | None = None) -> Space:
     return space
 
 
-def dump_space(space: Space, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(space), sort_keys=False))
-
-
-__all__ = ["Space", "StageConfig", "BackboneConfig", "load_space", "parse_space", "dump_space",
+__all__ = ["Space", "StageConfig", "BackboneConfig", "load_space", "parse_space",
            "Position"]
