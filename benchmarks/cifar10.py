@@ -11,6 +11,8 @@ out (never augmented) / 10,000 test. Space and settings: ``benchmarks/cifar10.ya
 Stages, each resumed from ``WORK`` after any stop (rerun the same command):
 
 1. ``backbone``: ResNet-20 at full depth, final exit only (``exitnas train-backbone``), once;
+   ``growth``: the supernet variants of :mod:`benchmarks.supernet_growth` (teacher, heads)
+   grown briefly from it, one chosen on val by :data:`GROWTH_RULE` for every seed;
 2. per seed (``WORK/seed<k>``, every seed from that one backbone): ``supernet`` (elastic depth
    grown on it, every candidate head), ``search`` (NSGA-II, thresholds fitted per deploy budget)
    and its deploy picks (``RUN/selected.json``), ``ic_only`` (SDN's recipe: its heads trained on
@@ -55,7 +57,10 @@ from exitnas.space import Space, load_space  # noqa: E402
 from exitnas.train import train_supernet  # noqa: E402
 
 SPACE = ROOT / "benchmarks" / "cifar10.yaml"
-STAGES = ("backbone", "supernet", "search", "ic_only", "finetune", "fidelity", "report")
+GROWTH_KEYS = ("random_best_fitted_0.25", "random_best_fitted_0.50")
+GROWTH_RULE = ("the variant whose best random structure has the highest fitted val accuracy "
+               "at 25 % plus 50 % of the backbone's MACs (the goal's budgets); ties: the first")
+STAGES = ("backbone", "growth", "supernet", "search", "ic_only", "finetune", "fidelity", "report")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +76,8 @@ class Scale:
     ic_only_lr: float = 0.1       # fresh heads on frozen features: the from-scratch rate
     fidelity_networks: int = 10
     fidelity_seeds: tuple[int, ...] = (0,)
+    growth_epochs: int = 1        # per supernet_growth variant
+    growth_structures: int = 300
     work: str = "runs/cifar10"
     out: str = "results/cifar10"
 
@@ -82,14 +89,14 @@ SCALES = {
     "smoke": Scale(name="smoke", overrides={
         "data.train_subset": 1000, "data.test_subset": 1000, "backbone_training.epochs": 1,
         "supernet.epochs": 1, "search.trials": 40, "search.population_size": 20},
-        seeds=(0, 1), finetune_epochs=1, fidelity_networks=3,
+        seeds=(0, 1), finetune_epochs=1, fidelity_networks=3, growth_structures=20,
         work="runs/cifar10-smoke", out="runs/cifar10-smoke/results"),
     # longer schedules, meant for a GPU
     "full": Scale(name="full", overrides={
         "backbone_training.epochs": 160, "backbone_training.channels_last": False,
         "supernet.epochs": 30, "supernet.random_subnets": 2, "supernet.channels_last": False,
         "retrain.channels_last": False, "search.trials": 4000, "search.population_size": 100},
-        finetune_epochs=15, fidelity_networks=20, fidelity_seeds=(0, 1, 2),
+        finetune_epochs=15, fidelity_networks=20, fidelity_seeds=(0, 1, 2), growth_epochs=3,
         work="runs/cifar10-full", out="results/cifar10-full"),
 }
 
@@ -110,9 +117,21 @@ class Bench:
     def backbone(self) -> Path:
         return self.run(self.scale.seeds[0]).path / "backbone" / "weights.safetensors"
 
+    @property
+    def growth(self) -> dict | None:
+        """The growth stage's measurements and the variant it chose (``WORK/growth.json``)."""
+        path = self.work / "growth.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def space(self, seed: int) -> Space:
-        o = {"data.root": self.data_root, **self.scale.overrides, "supernet.seed": seed,
-             "search.seed": seed, "retrain.seed": seed}
+        """Seed ``seed``'s space: the scale's overrides, the seeds, and once the growth stage
+        has chosen, its supernet variant."""
+        from benchmarks.supernet_growth import VARIANTS
+
+        o = {"data.root": self.data_root, **self.scale.overrides}
+        if self.growth is not None:
+            o.update(VARIANTS[self.growth["choice"]])
+        o.update({"supernet.seed": seed, "search.seed": seed, "retrain.seed": seed})
         if seed != self.scale.seeds[0]:
             o["backbone.weights"] = str(self.backbone)
         return load_space(SPACE, o)
@@ -131,7 +150,26 @@ class Bench:
         return backbone_accuracy(space, result.weights, self.work / "backbone.json",
                                  epochs=space.backbone_training.epochs)
 
+    def choose_growth(self) -> dict:
+        """Every variant of :mod:`benchmarks.supernet_growth` grown for ``growth_epochs`` from
+        the backbone; the supernet stage then uses the one chosen by :data:`GROWTH_RULE` (val
+        only), stored once in ``WORK/growth.json`` so every seed and every rerun uses it."""
+        from benchmarks.supernet_growth import grow_variants
+
+        if self.growth is not None:
+            return self.growth
+        rows = grow_variants(self, epochs=self.scale.growth_epochs,
+                             structures=self.scale.growth_structures, log=self.log)
+        score = lambda r: sum(0.0 if r[k] != r[k] else r[k] for k in GROWTH_KEYS)  # noqa: E731
+        choice = max(rows, key=score)["variant"]  # ties: the first in VARIANTS order
+        data = {"rule": GROWTH_RULE, "choice": choice, "rows": rows,
+                "epochs": self.scale.growth_epochs, "structures": self.scale.growth_structures}
+        atomic_write_json(self.work / "growth.json", data)
+        return data
+
     def grow_supernet(self, seed: int) -> None:
+        if self.growth is None:
+            raise SystemExit("the growth stage has not chosen the supernet's variant yet")
         train_supernet(self.run(seed), self.space(seed), log=self.log)
 
     def search(self, seed: int) -> list[Arch]:
@@ -232,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(scale, work)
     bench.stage("backbone", bench.train_backbone)
     if args.until != "backbone":
+        bench.stage("growth", bench.choose_growth)
+    if args.until not in ("backbone", "growth"):
         for seed in scale.seeds:
             bench.per_seed(seed, args.until)
     if args.until == "report":

@@ -82,7 +82,10 @@ def goal_table(summary: pd.DataFrame, auc: pd.DataFrame) -> tuple[pd.DataFrame, 
 
 
 def write_readme(bench, out: Path, tables: dict[str, pd.DataFrame], backbone: dict) -> None:
+    from benchmarks.supernet_growth import growth_markdown
+
     scale, work = bench.scale, bench.work
+    growth = bench.growth
     space = bench.space(scale.seeds[0])
     sn, se, rt = space.supernet, space.search, space.retrain
     summary, auc = tables["summary"], tables["auc"]
@@ -131,8 +134,8 @@ def write_readme(bench, out: Path, tables: dict[str, pd.DataFrame], backbone: di
         f"accuracy {backbone['test_accuracy']:.4f}**, val {backbone['val_accuracy']:.4f}.",
         f"- Supernet (stage 1, per seed): grown from that backbone, {sn.epochs} epochs, lr "
         f"{sn.optim.lr} cosine, sandwich rule (largest + smallest + {sn.random_subnets} random), "
-        f"in-place distillation {sn.distill}, heads `{sn.heads}`, BN re-estimated on "
-        f"{sn.bn_calib_batches} batches per depth setting.",
+        f"distillation teacher `{sn.teacher}`, heads `{sn.heads}` (chosen by the growth stage, "
+        f"below), BN re-estimated on {sn.bn_calib_batches} batches per depth setting.",
         f"- Search (per seed): NSGA-II, {se.trials} trials, population {se.population_size}, "
         f"thresholds `{se.thresholds}` per deploy budget {list(se.deploy_budgets)} (objective: "
         f"mean fitted val accuracy over them; expected MACs <= {se.budget_fraction} x backbone). "
@@ -151,6 +154,13 @@ def write_readme(bench, out: Path, tables: dict[str, pd.DataFrame], backbone: di
         "budgeted batch, fitted exit rule; per budget the most accurate val point of the "
         "method's networks with val expected MACs <= the budget, its test accuracy reported). "
         "AUC: mean test accuracy over budgets 5, 10, ..., 75 % (0 where nothing fits).",
+        "",
+        "## Growth stage: how the supernet grows from the backbone",
+        "",
+        f"Every variant grown for {growth['epochs']} epoch(s) from the stage-0 backbone (seed "
+        f"{scale.seeds[0]}); chosen: **{growth['choice']}** ({growth['rule']}).",
+        "",
+        growth_markdown(growth["rows"], growth["structures"]),
         "",
         "## Results (test accuracy %, mean over seeds)",
         "",

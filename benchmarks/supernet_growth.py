@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +74,35 @@ def search_view(run: RunDir, space, splits, n: int, seed: int = 0) -> dict:
     return out
 
 
+def grow_variants(bench: Bench, *, epochs: int, structures: int, variants=tuple(VARIANTS),
+                  log=print) -> list[dict]:
+    """Each variant grown for ``epochs`` from the benchmark's stage-0 backbone in
+    ``WORK/growth/<variant>`` (resumable), with its measurements (module docs)."""
+    base = bench.space(bench.scale.seeds[0]).with_overrides(
+        {"backbone.weights": str(bench.backbone), "supernet.epochs": epochs})
+    splits = load_splits(base)
+    rows = []
+    for name in variants:
+        space = base.with_overrides(VARIANTS[name])
+        run = RunDir(bench.work / "growth" / name)
+        result = train_supernet(run, space, splits=splits, log=log)
+        seconds = sum(float(r["seconds"]) for r in result.history)  # every epoch, resumed or not
+        net = Supernet(space).load(run.path / "supernet" / "weights.safetensors")
+        rows.append({"variant": name, "epochs": epochs, "train_seconds": round(seconds),
+                     **_supernet_eval(net, splits, space, torch.device("cpu")),
+                     **search_view(run, space, splits, structures)})
+        log(str(rows[-1]))
+    return rows
+
+
+def growth_markdown(rows: list[dict], structures: int) -> str:
+    return ("Val accuracies (fractions) after BN re-estimation; `*_exits`: the mean over every "
+            "candidate head; `sdn_fitted_b` / `random_best_fitted_b`: fitted val accuracy at "
+            f"budget b of SDN's placement / the best of {structures} random structures (the "
+            "same ones for every variant; NaN: none fits); `train_seconds` include other jobs' "
+            "load.\n\n" + markdown(pd.DataFrame(rows), digits=4))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
@@ -90,44 +118,21 @@ def main(argv=None) -> int:
         sys.exit(f"{bench.backbone}: no stage-0 backbone; run benchmarks/cifar10.py "
                  "--until backbone first")
     Sessions(args.work / "growth" / "sessions.json").start(epochs=args.epochs)
-    base = bench.space(bench.scale.seeds[0]).with_overrides(
-        {"backbone.weights": str(bench.backbone), "supernet.epochs": args.epochs})
-    splits = load_splits(base)
-    rows = []
-    for name in args.variants:
-        space = base.with_overrides(VARIANTS[name])
-        run = RunDir(args.work / "growth" / name)
-        t0 = time.perf_counter()
-        train_supernet(run, space, splits=splits)
-        seconds = time.perf_counter() - t0
-        net = Supernet(space).load(run.path / "supernet" / "weights.safetensors")
-        row = {"variant": name, "epochs": args.epochs, "train_seconds": round(seconds),
-               **_supernet_eval(net, splits, space, torch.device("cpu")),
-               **search_view(run, space, splits, args.structures)}
-        rows.append(row)
-        print(row, flush=True)
+    rows = grow_variants(bench, epochs=args.epochs, structures=args.structures,
+                         variants=args.variants)
     args.out.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame(rows)
-    df.to_csv(args.out / "growth.csv", index=False, float_format="%.4f")
-    backbone = __import__("json").loads((args.work / "backbone.json").read_text()) \
-        if (args.work / "backbone.json").is_file() else {}
+    pd.DataFrame(rows).to_csv(args.out / "growth.csv", index=False, float_format="%.4f")
     (args.out / "README.md").write_text("\n".join([
         "# Growing the supernet from the trained backbone: teacher and heads",
         "",
         f"    python benchmarks/supernet_growth.py --scale {args.scale} --work {args.work} "
         f"--epochs {args.epochs} --structures {args.structures}",
         "",
-        f"Machine: {machine()}. Data: CIFAR-10 (JPEG), 45,000 train / 5,000 val; the "
-        f"stage-0 backbone of `benchmarks/cifar10.py` (val accuracy "
-        f"{backbone.get('val_accuracy', float('nan')):.4f}, test "
-        f"{backbone.get('test_accuracy', float('nan')):.4f}). Every variant: "
-        f"{args.epochs} epoch(s) of `benchmarks/cifar10.yaml`'s supernet settings; val "
-        "accuracies (fractions) after BN re-estimation; `*_exits`: the mean over every "
-        "candidate head; `sdn_fitted_b` / `random_best_fitted_b`: fitted val accuracy at "
-        f"budget b of SDN's placement / the best of {args.structures} random structures "
-        "(the same ones for every variant; NaN: none fits).",
+        f"Machine: {machine()}. Data: CIFAR-10 (JPEG); the stage-0 backbone of "
+        f"`benchmarks/cifar10.py`; every variant: {args.epochs} epoch(s) of "
+        "`benchmarks/cifar10.yaml`'s supernet settings.",
         "",
-        markdown(df, digits=4), ""]))
+        growth_markdown(rows, args.structures), ""]))
     return 0
 
 
