@@ -78,6 +78,7 @@ class Scale:
     fidelity_seeds: tuple[int, ...] = (0,)
     growth_epochs: int = 1        # per supernet_growth variant
     growth_structures: int = 300
+    growth_variants: tuple[str, ...] | None = None  # None: every supernet_growth variant
     work: str = "runs/cifar10"
     out: str = "results/cifar10"
 
@@ -90,6 +91,7 @@ SCALES = {
         "data.train_subset": 1000, "data.test_subset": 1000, "backbone_training.epochs": 1,
         "supernet.epochs": 1, "search.trials": 40, "search.population_size": 20},
         seeds=(0, 1), finetune_epochs=1, fidelity_networks=3, growth_structures=20,
+        growth_variants=("largest-detached", "backbone-detached"),
         work="runs/cifar10-smoke", out="runs/cifar10-smoke/results"),
     # longer schedules, meant for a GPU
     "full": Scale(name="full", overrides={
@@ -154,12 +156,13 @@ class Bench:
         """Every variant of :mod:`benchmarks.supernet_growth` grown for ``growth_epochs`` from
         the backbone; the supernet stage then uses the one chosen by :data:`GROWTH_RULE` (val
         only), stored once in ``WORK/growth.json`` so every seed and every rerun uses it."""
-        from benchmarks.supernet_growth import grow_variants
+        from benchmarks.supernet_growth import VARIANTS, grow_variants
 
         if self.growth is not None:
             return self.growth
         rows = grow_variants(self, epochs=self.scale.growth_epochs,
-                             structures=self.scale.growth_structures, log=self.log)
+                             structures=self.scale.growth_structures,
+                             variants=self.scale.growth_variants or tuple(VARIANTS), log=self.log)
         score = lambda r: sum(0.0 if r[k] != r[k] else r[k] for k in GROWTH_KEYS)  # noqa: E731
         choice = max(rows, key=score)["variant"]  # ties: the first in VARIANTS order
         data = {"rule": GROWTH_RULE, "choice": choice, "rows": rows,

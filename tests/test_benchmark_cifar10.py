@@ -125,7 +125,7 @@ def test_every_seed_grows_from_the_first_seeds_backbone(cifar10_root, tmp_path, 
 
 @pytest.mark.slow
 def test_smoke_scale_runs_every_stage_and_a_rerun_trains_nothing(cifar10_root, tmp_path):
-    env = {**os.environ, "EXITNAS_DATA_CACHE": str(cifar10_root), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "EXITNAS_DATA_CACHE": str(cifar10_root)}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "cifar10.py"), "--scale", "smoke",
            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
