@@ -70,3 +70,21 @@ def test_yaml_refuses_duplicate_keys_and_parses_scalars():
     with pytest.raises(ConfigError, match="duplicate|twice"):
         parse_yaml("a: 1\na: 2\n", file="x.yaml")
     assert parse_yaml("0.5") == 0.5 and parse_yaml("[1, 2]") == [1, 2]
+
+
+def test_the_strict_yaml_loader_constructs_no_python_objects(tmp_path):
+    """The space reader's loader is a SafeLoader: a planted python tag is refused as an
+    unknown tag and runs nothing."""
+    import yaml
+
+    from exitnas._config import _StrictLoader
+
+    assert issubclass(_StrictLoader, yaml.SafeLoader)
+    assert not any("python" in tag for tag in _StrictLoader.yaml_constructors if tag)
+    marker = tmp_path / "ran"
+    for text in (f"a: !!python/object/apply:os.system ['touch {marker}']\n",
+                 f"a: !!python/object/new:pathlib.Path ['{marker}']\n",
+                 "a: !!python/name:os.system\n"):
+        with pytest.raises(ConfigError, match="python"):
+            parse_yaml(text, file="x.yaml")
+    assert not marker.exists()
