@@ -30,7 +30,6 @@ from .io import load_weights, save_weights
 from .loop import (Dist, LoopSpec, Phase, StepResult, accuracy, claim_step, default_device,
                    run_loop, seeded_supernet)
 from .rundir import RunDir
-from .runtime import sha256_file as file_sha256  # noqa: F401  (benchmarks import this name)
 from .space import Space
 
 BACKBONE_PREFIXES = ("stem.", "stages.", "final.")

@@ -152,13 +152,13 @@ class SandwichStep(nn.Module):
             ce = lambda z: (F.cross_entropy(z, y)  # noqa: E731
                             + soft_distill(z, soft, self.temperature))
         total, final = self._pass(x, self.net.space.max_depths, ce, sets[0])
-        teacher = final.detach()
-        kd = (lambda z: soft_distill(z, teacher, self.temperature)) if self.distill else ce
-        if self._teacher:
-            kd = ce
+        final = final.detach()
+        kd = ce
+        if self.distill and not self._teacher:  # in-place: from the largest's final exit
+            kd = lambda z: soft_distill(z, final, self.temperature)  # noqa: E731
         for d, exits in zip(depths, sets[1:]):
             total = total + self._pass(x, d, kd, exits)[0]
-        return total, F.cross_entropy(teacher, y)
+        return total, F.cross_entropy(final, y)
 
 
 def _supernet_eval(net, splits: Splits, space: Space, device) -> dict:
