@@ -99,22 +99,20 @@ class Timings:
         self.data = json.loads(path.read_text()) if path.is_file() else {}
 
     def run(self, stage: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, timed; the stage counts as finished when it returns."""
         entry = self.data.setdefault(stage, {"seconds": 0.0, "sessions": 0, "done": False})
-        t0 = time.perf_counter()
+        t0, finished = time.perf_counter(), False
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            finished = True
+            return out
         finally:
             if not entry["done"]:
                 entry["seconds"] += time.perf_counter() - t0
                 entry["sessions"] += 1
                 entry["load_after"] = load_average()
+                entry["done"] = finished
                 atomic_write_json(self.path, self.data)
-
-    def done(self, stage: str) -> None:
-        entry = self.data.setdefault(stage, {"seconds": 0.0, "sessions": 0, "done": False})
-        if not entry["done"]:
-            entry["done"] = True
-            atomic_write_json(self.path, self.data)
 
     def total(self) -> float:
         return sum(e["seconds"] for e in self.data.values())
@@ -148,17 +146,17 @@ def load_stats(path: Path) -> tuple[ArchStats, dict] | None:
 def model_stats(space, arch, weights: Path, splits, split: str, folder: Path) -> ArchStats:
     """Exit statistics of the model in ``weights`` (``arch`` of ``space``) on ``split``, one
     CPU pass, stored in ``folder`` per weights file (sha256) and reused."""
-    from exitnas.backbone import file_sha256
     from exitnas.cost import cost_table
     from exitnas.data import batches
-    from exitnas.report import ModelEntry, load_model
+    from exitnas.runtime import sha256_file
+    from exitnas.supernet import load_model
 
-    path = folder / f"{file_sha256(weights)[:16]}-{split}.npz"
+    path = folder / f"{sha256_file(weights)[:16]}-{split}.npz"
     got = load_stats(path)
     if got is not None and got[1].get("arch") == arch.id:
         return got[0]
     costs = cost_table(space)
-    model = load_model(space, ModelEntry(arch, "benchmark", weights))
+    model = load_model(space, arch, weights)
     data = batches(getattr(splits, split), batch_size=space.data.eval_batch_size,
                    mean=splits.mean, std=splits.std)
     stats = ArchStats.from_model(model, data, exit_macs=costs.exit_costs(arch),

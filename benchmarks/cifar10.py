@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from benchmarks._common import Sessions, Timings, cifar10_root  # noqa: E402
 from exitnas.arch import Arch  # noqa: E402
-from exitnas.backbone import file_sha256, load_backbone, train_backbone  # noqa: E402
+from exitnas.backbone import load_backbone, train_backbone  # noqa: E402
 from exitnas.baselines import sdn_arch  # noqa: E402
 from exitnas.cost import cost_table  # noqa: E402
 from exitnas.data import batches, load_splits  # noqa: E402
@@ -51,6 +51,7 @@ from exitnas.io import atomic_write_json  # noqa: E402
 from exitnas.loop import seeded_supernet  # noqa: E402
 from exitnas.pipeline import select_archs  # noqa: E402
 from exitnas.retrain import retrain  # noqa: E402
+from exitnas.runtime import sha256_file  # noqa: E402
 from exitnas.rundir import RunDir  # noqa: E402
 from exitnas.search import SearchOptions, run_search  # noqa: E402
 from exitnas.space import Space, load_space  # noqa: E402
@@ -110,6 +111,7 @@ class Bench:
     def __init__(self, scale: Scale, work: Path, *, log=print) -> None:
         self.scale, self.work, self.log = scale, work, log
         self.timings = Timings(work / "timings.json")
+        self._growth: dict | None = None
         self.data_root = str(cifar10_root())
 
     def run(self, seed: int) -> RunDir:
@@ -121,9 +123,11 @@ class Bench:
 
     @property
     def growth(self) -> dict | None:
-        """The growth stage's measurements and the variant it chose (``WORK/growth.json``)."""
-        path = self.work / "growth.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        """The growth stage's measurements and the variant it chose (``WORK/growth.json``,
+        read once)."""
+        if self._growth is None and (self.work / "growth.json").is_file():
+            self._growth = json.loads((self.work / "growth.json").read_text())
+        return self._growth
 
     def space(self, seed: int) -> Space:
         """Seed ``seed``'s space: the scale's overrides, the seeds, and once the growth stage
@@ -139,9 +143,7 @@ class Bench:
         return load_space(SPACE, o)
 
     def stage(self, name: str, fn, *args):
-        out = self.timings.run(name, fn, *args)
-        self.timings.done(name)
-        return out
+        return self.timings.run(name, fn, *args)
 
     # ---- stages ------------------------------------------------------------------------------
     def train_backbone(self) -> dict:
@@ -168,6 +170,7 @@ class Bench:
         data = {"rule": GROWTH_RULE, "choice": choice, "rows": rows,
                 "epochs": self.scale.growth_epochs, "structures": self.scale.growth_structures}
         atomic_write_json(self.work / "growth.json", data)
+        self._growth = data
         return data
 
     def grow_supernet(self, seed: int) -> None:
@@ -235,7 +238,7 @@ class Bench:
 def backbone_accuracy(space: Space, weights: Path, path: Path, *, epochs: int) -> dict:
     """Val and test accuracy of the trained backbone (full depth, final exit), stored in
     ``path`` for this weights file."""
-    sha = file_sha256(weights)
+    sha = sha256_file(weights)
     if path.is_file():
         known = json.loads(path.read_text())
         if known.get("sha256") == sha:

@@ -30,7 +30,7 @@ from exitnas.evaluate import ArchStats, load_or_build_cache
 from exitnas.finetune import finetune_dir
 from exitnas.retrain import retrain_dir
 from exitnas.supernet import Supernet
-from exitnas.thresholds import fit_thresholds
+from exitnas.thresholds import fit_budgets, fit_thresholds
 
 BUDGETS = (0.25, 0.5, 0.75)
 AUC_GRID = tuple(round(0.05 * i, 2) for i in range(1, 16))  # 5 % .. 75 % of the backbone
@@ -66,13 +66,26 @@ class Net:
         s = self.val.score("max_softmax", thresholds)
         return s.accuracy, s.expected_macs / self.val.backbone_macs, tuple(thresholds)
 
+    @cached_property
+    def _fits(self) -> dict[float, tuple]:
+        """The fitted point of every budget the benchmark asks for, fitted in one call (the
+        starts are scored once for all budgets)."""
+        budgets = sorted(set(BUDGETS) | set(AUC_GRID))
+        fits = fit_budgets(self.val, budgets_macs=[b * self.val.backbone_macs for b in budgets])
+        return {b: self._point(f.thresholds) if f.feasible else None
+                for b, f in zip(budgets, fits)}
+
     def points(self, protocol: str, budget: float) -> list[tuple]:
         """(val accuracy, val relative MACs, max-softmax thresholds) of ``protocol``'s
         operating points for ``budget``."""
         if protocol != "fitted" or self.val.num_exits == 1:
             return self._fixed[protocol]
-        fit = fit_thresholds(self.val, budget_macs=budget * self.val.backbone_macs)
-        return [self._point(fit.thresholds)] if fit.feasible else []
+        if budget in self._fits:
+            point = self._fits[budget]
+        else:
+            fit = fit_thresholds(self.val, budget_macs=budget * self.val.backbone_macs)
+            point = self._point(fit.thresholds) if fit.feasible else None
+        return [] if point is None else [point]
 
 
 def choose(nets: list[Net], protocol: str, budget: float) -> dict | None:
@@ -103,6 +116,7 @@ class SeedNets:
         self.bench, self.seed = bench, seed
         self.run, self.space = bench.run(seed), bench.space(seed)
         self.costs = cost_table(self.space)
+        self._caches: dict = {}
 
     @cached_property
     def splits(self):
@@ -114,9 +128,11 @@ class SeedNets:
             return Supernet(self.space).load(self.run.path / "supernet" / "weights.safetensors")
 
     def _cached(self, arch: Arch, split: str) -> ArchStats:
-        cache = load_or_build_cache(self.run, self.supernet, arch.depths, self.splits,
-                                    split=split)
-        return ArchStats.from_cache(cache, arch, self.costs)
+        key = (arch.depths, split)
+        if key not in self._caches:  # one read (or build) per depth setting and split
+            self._caches[key] = load_or_build_cache(self.run, self.supernet, arch.depths,
+                                                    self.splits, split=split)
+        return ArchStats.from_cache(self._caches[key], arch, self.costs)
 
     def inherited(self, arch: Arch, name: str) -> Net:
         return Net(name, arch, self._cached(arch, "val"), lambda: self._cached(arch, "test"))
@@ -202,14 +218,14 @@ def seed_tables(nets: SeedNets) -> dict[str, list[dict]]:
 def objective(stats: ArchStats, budgets_macs: list[float]) -> float:
     """The search's objective: mean fitted val accuracy over the deploy budgets (0 where a
     budget cannot be met)."""
-    fits = [fit_thresholds(stats, budget_macs=b) for b in budgets_macs]
+    fits = fit_budgets(stats, budgets_macs=budgets_macs)
     return float(np.mean([f.accuracy if f.feasible else 0.0 for f in fits]))
 
 
-def fidelity_rows(bench, seed: int) -> list[dict]:
+def fidelity_rows(bench, nets: SeedNets) -> list[dict]:
     """Per front network: the search's objective and final-exit val accuracy, inherited and
     after fine-tuning (mixed, the benchmark's epochs)."""
-    nets = SeedNets(bench, seed)
+    seed = nets.seed
     with open(nets.run.path / "search" / "front.csv", newline="") as fh:
         study = {r["arch_id"]: float(r["accuracy"]) for r in csv.DictReader(fh)}
     budgets = [b * nets.costs.backbone() for b in nets.space.search.deploy_budgets]
@@ -251,12 +267,14 @@ def write_results(bench, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict]] = {"summary": [], "choices": [], "curves": [], "auc": [],
                                    "consistency": []}
+    fidelity = []
     for seed in bench.scale.seeds:
         nets = SeedNets(bench, seed)
         for name, part in seed_tables(nets).items():
             rows[name] += part
         rows["consistency"] += nets.consistency()
-    fidelity = [r for seed in bench.scale.fidelity_seeds for r in fidelity_rows(bench, seed)]
+        if seed in bench.scale.fidelity_seeds:
+            fidelity += fidelity_rows(bench, nets)
     backbone = json.loads((bench.work / "backbone.json").read_text())
     tables = {name: pd.DataFrame(r) for name, r in rows.items()}
     tables["summary"] = tables["summary"][SUMMARY_COLUMNS]

@@ -198,7 +198,6 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             stage = f"{regime} seed{seed}"
             run_out = timings.run(stage, train, bench, seed, regime, args.epochs)
-            timings.done(stage)
             s, e = evaluate(bench, seed, regime, args.epochs, run_out, splits)
             summary += s
             exits += e

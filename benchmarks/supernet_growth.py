@@ -15,6 +15,7 @@ of the backbone's MACs. Writes ``results/supernet_growth/{growth.csv, README.md}
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 from pathlib import Path
@@ -65,10 +66,10 @@ def search_view(run: RunDir, space, splits, n: int, seed: int = 0) -> dict:
 
     out = {f"sdn_fitted_{b:.2f}": a for b, a in zip(BUDGETS, fits(sdn_arch(space, costs)))}
     rng = random.Random(seed)
-    best = [float("nan")] * len(BUDGETS)
+    best = [float("nan")] * len(BUDGETS)  # NaN until some structure fits the budget
     for _ in range(n):
         for i, a in enumerate(fits(sample_arch(space, rng))):
-            if a == a and not best[i] >= a:
+            if not math.isnan(a) and (math.isnan(best[i]) or a > best[i]):
                 best[i] = a
     out.update({f"random_best_fitted_{b:.2f}": a for b, a in zip(BUDGETS, best)})
     return out
