@@ -125,7 +125,7 @@ class SeedNets:
     @cached_property
     def supernet(self) -> Supernet:
         with torch.random.fork_rng(devices=[]):
-            return Supernet(self.space).load(self.run.path / "supernet" / "weights.safetensors")
+            return Supernet(self.space, pretrained=False).load(self.run.path / "supernet" / "weights.safetensors")
 
     def _cached(self, arch: Arch, split: str) -> ArchStats:
         key = (arch.depths, split)

@@ -126,7 +126,7 @@ def write_readme(bench, out: Path, tables: dict[str, pd.DataFrame], backbone: di
         f"{'10,000' if space.data.test_subset is None else space.data.test_subset} test images "
         "(reported only).",
         f"- Space `benchmarks/cifar10.yaml`: CIFAR ResNet, widths 16/32/64, depths "
-        f"{'/'.join(str(list(s.depths)) for s in space.backbone.stages)} per stage (3/3/3 = "
+        f"{'/'.join(str(list(d)) for d in space.stage_depths)} per stage (3/3/3 = "
         f"ResNet-20), heads {', '.join(space.exits.heads)}, <= {space.exits.max_exits} early "
         "exits, max-softmax policy.",
         f"- Backbone (stage 0, once, seed {scale.seeds[0]}): full depth, final exit only, "

@@ -97,7 +97,7 @@ def ensure_cifar_run(run: Path, data_root: Path) -> None:
     space = parse_space(cfg)
     RunDir(run).init(space)
     torch.manual_seed(0)
-    Supernet(space).save(run / "supernet" / "weights.safetensors")
+    Supernet(space, pretrained=False).save(run / "supernet" / "weights.safetensors")
 
 
 def warm_caches(run: Path):
@@ -108,7 +108,7 @@ def warm_caches(run: Path):
 
     rd = RunDir(run)
     space = rd.space()
-    net = Supernet(space).load(run / "supernet" / "weights.safetensors")
+    net = Supernet(space, pretrained=False).load(run / "supernet" / "weights.safetensors")
     splits = load_splits(space)
     store = CacheStore(run_dir=rd, net=net, splits=splits)
     for depths in space.depth_settings():

@@ -53,7 +53,7 @@ def search_view(run: RunDir, space, splits, n: int, seed: int = 0) -> dict:
     """Fitted val accuracy at each budget of SDN's placement and of the best of ``n`` random
     structures (the same structures for every variant)."""
     costs = cost_table(space)
-    net = Supernet(space).load(run.path / "supernet" / "weights.safetensors")
+    net = Supernet(space, pretrained=False).load(run.path / "supernet" / "weights.safetensors")
     budgets = [b * costs.backbone() for b in BUDGETS]
     caches = {}
 
@@ -88,7 +88,7 @@ def grow_variants(bench: Bench, *, epochs: int, structures: int, variants=tuple(
         run = RunDir(bench.work / "growth" / name)
         result = train_supernet(run, space, splits=splits, log=log)
         seconds = sum(float(r["seconds"]) for r in result.history)  # every epoch, resumed or not
-        net = Supernet(space).load(run.path / "supernet" / "weights.safetensors")
+        net = Supernet(space, pretrained=False).load(run.path / "supernet" / "weights.safetensors")
         rows.append({"variant": name, "epochs": epochs, "train_seconds": round(seconds),
                      **_supernet_eval(net, splits, space, torch.device("cpu")),
                      **search_view(run, space, splits, structures)})

@@ -240,12 +240,12 @@ class Arch:
     # ---- space checks --------------------------------------------------------------------
     def validate(self, space: Space) -> "Arch":
         """Return self, or raise ArchError saying what does not fit ``space``."""
-        stages = space.backbone.stages
+        stages = space.stage_depths
         if len(self.depths) != len(stages):
             raise ArchError(f"arch {self.id}: {len(self.depths)} depths for {len(stages)} stages")
-        for i, (d, st) in enumerate(zip(self.depths, stages)):
-            if d not in st.depths:
-                raise ArchError(f"arch {self.id}: depth {d} of stage {i} is not one of {list(st.depths)}")
+        for i, (d, allowed) in enumerate(zip(self.depths, stages)):
+            if d not in allowed:
+                raise ArchError(f"arch {self.id}: depth {d} of stage {i} is not one of {list(allowed)}")
         active = set(space.positions(self.depths))
         seen = set()
         for e in self.exits:
@@ -274,7 +274,7 @@ def sample_arch(space: Space, rng: random.Random) -> Arch:
     """Uniform random arch: depths uniform per stage, the number of exits uniform in
     [min_exits, max_exits] (capped by the active positions), positions uniform without
     replacement, heads uniform, policy uniform, thresholds uniform in the policy's range."""
-    depths = tuple(rng.choice(st.depths) for st in space.backbone.stages)
+    depths = tuple(rng.choice(allowed) for allowed in space.stage_depths)
     exits = sample_exits(space, depths, rng)
     policy = rng.choice(space.policy.names)
     return Arch(depths=depths, exits=exits, policy=policy,

@@ -26,7 +26,7 @@ from torch import nn
 from ._config import to_dict
 from .data import Splits, load_splits
 from .errors import CheckpointError
-from .io import load_weights, save_weights
+from .io import load_state_dict, save_weights
 from .loop import (Dist, LoopSpec, Phase, StepResult, accuracy, claim_step, default_device,
                    run_loop, seeded_supernet)
 from .rundir import RunDir
@@ -43,12 +43,29 @@ def backbone_state(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in net.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
 
 
+def _renamed(state: dict[str, torch.Tensor], sources) -> dict[str, torch.Tensor] | None:
+    """``state`` in the supernet's names via ``sources`` (supernet path, source path), or None
+    when some tensor comes from no source module."""
+    by_len = sorted(sources, key=lambda ps: -len(ps[1]))
+    out = {}
+    for key, t in state.items():
+        hit = next(((ours, theirs) for ours, theirs in by_len if key.startswith(theirs + ".")), None)
+        if hit is None:
+            return None
+        out[hit[0] + key[len(hit[1]):]] = t
+    return out
+
+
 def load_backbone(net, path: str | Path):
-    """Load backbone weights (:func:`train_backbone`'s file, or the user's own in the same
-    names) into supernet ``net``; its exit heads keep their weights. Every backbone tensor
-    must be present with its shape, and nothing else may be in the file."""
-    state = load_weights(path)  # safetensors only: refuses pickles
+    """Load backbone weights into supernet ``net``; its exit heads keep their weights. The
+    file is :func:`train_backbone`'s (exitnas's names) or, for a family with ``sources``
+    (torchvision), the source model's state dict, renamed. ``.safetensors``, or ``.pth`` /
+    ``.pt`` read with ``weights_only``. Every backbone tensor must be present with its shape,
+    and nothing else may be in the file."""
+    state = load_state_dict(path)  # refuses pickles that are not plain tensors
     want = backbone_state(net)
+    if net.sources and not set(state) <= set(want):
+        state = _renamed(state, net.sources) or state
     extra = sorted(set(state) - set(want))
     missing = sorted(set(want) - set(state))
     if extra or missing:
@@ -64,20 +81,30 @@ def load_backbone(net, path: str | Path):
 
 
 def backbone_file(run_dir: RunDir, space: Space) -> Path:
-    """The trained backbone a supernet grows from: ``backbone.weights`` when set, else
+    """The trained backbone a supernet grows from: ``backbone.weights`` when set (a file, or
+    what the family resolves, e.g. ``torchvision:IMAGENET1K_V2``), else
     ``RUN/backbone/weights.safetensors``; a one-line RunDirError says how to get one."""
     from .errors import RunDirError
 
     if space.backbone.weights is not None:
-        path = Path(space.backbone.weights)
-        if not path.is_file():
-            raise RunDirError(f"backbone.weights {str(path)!r}: file not found")
-        return path
+        return weights_path(space)
     path = run_dir.path / "backbone" / "weights.safetensors"
     if not path.is_file():
         raise RunDirError(f"{run_dir.path}: no trained backbone to grow the supernet from (no "
                           "backbone/weights.safetensors); run `exitnas train-backbone` first, set "
                           "backbone.weights, or set supernet.init=scratch")
+    return path
+
+
+def weights_path(space: Space) -> Path:
+    """The local file ``backbone.weights`` names: the family's resolution of it (a
+    download cache) or the path itself, which must exist."""
+    from .errors import RunDirError
+
+    spec = space.backbone.weights
+    path = space.family.weights_file(space.backbone) or Path(spec)
+    if not path.is_file():
+        raise RunDirError(f"backbone.weights {spec!r}: file not found")
     return path
 
 
@@ -142,5 +169,6 @@ def train_backbone(run_dir: RunDir, space: Space, *, dist: Dist | None = None,
                           result.resumed_from)
 
 
-__all__ = ["train_backbone", "load_backbone", "backbone_state", "backbone_file", "BackboneResult",
+__all__ = ["train_backbone", "load_backbone", "backbone_state", "backbone_file", "weights_path",
+           "BackboneResult",
            "BACKBONE_PREFIXES"]

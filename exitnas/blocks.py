@@ -1,8 +1,9 @@
 """Backbone building blocks and families, in registries.
 
 A block is an ``nn.Module`` built with keyword-only ``in_channels``, ``channels``, ``stride``
-and ``expand_ratio``; its ``out_channels(channels)`` class method gives its output width. A
-family names its allowed blocks and builds its stem.
+and ``expand_ratio``; its ``out_channels(channels)`` class method gives its output width. The
+``resnet`` and ``mobilenetv2`` families (:class:`StagedFamily`) build a backbone from the space
+file's stage list out of these blocks.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .registry import Registry
+from .topology import FAMILIES, Structure, Topology
 
 BLOCKS: Registry[type[nn.Module]] = Registry("block")
-FAMILIES: Registry["Family"] = Registry("family")
 
 
 def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -103,15 +105,6 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-@dataclass(frozen=True)
-class Family:
-    """A backbone family: its allowed blocks and its stem builder
-    ``stem(kind, in_channels, out_channels) -> nn.Module``."""
-
-    blocks: tuple[str, ...]
-    stem: Callable[[str, int, int], nn.Module]
-
-
 def _resnet_stem(kind: str, cin: int, cout: int) -> nn.Module:
     if kind == "imagenet":
         return nn.Sequential(*conv_bn(cin, cout, 7, 2), nn.ReLU(inplace=True),
@@ -124,5 +117,60 @@ def _mobilenet_stem(kind: str, cin: int, cout: int) -> nn.Module:
                          nn.ReLU6(inplace=True))
 
 
-FAMILIES.register("resnet")(Family(blocks=("basic", "bottleneck"), stem=_resnet_stem))
-FAMILIES.register("mobilenetv2")(Family(blocks=("inverted_residual",), stem=_mobilenet_stem))
+@dataclass(frozen=True)
+class StagedFamily:
+    """A family built from the space file's ``backbone.stages`` list: a stem (``stem``,
+    ``stem_channels``), then per stage ``max(depths)`` blocks of ``backbone.block`` (the first
+    with the stage's stride; the others keep the width, so they have identity shortcuts and
+    may be skipped), then ``final_head`` (after a 1x1 conv to ``final_channels`` when set)."""
+
+    blocks: tuple[str, ...]
+    stem: Callable[[str, int, int], nn.Module]
+
+    def check(self, cfg) -> None:
+        for name in ("block", "stages"):
+            if getattr(cfg, name) is None:
+                raise ConfigError(f"is required by family {cfg.family!r}", path=name)
+        for name in ("model", "stage_depths"):
+            if getattr(cfg, name) is not None:
+                raise ConfigError(f"belongs to family 'torchvision', not {cfg.family!r} (this "
+                                  "family's depths are stages[*].depths)", path=name)
+        if cfg.block not in self.blocks:
+            raise ConfigError(f"block {cfg.block!r} does not belong to family {cfg.family!r} "
+                              f"(allowed: {', '.join(self.blocks)})", path="block")
+
+    def stage_depths(self, cfg) -> tuple[tuple[int, ...], ...]:
+        return tuple(st.depths for st in cfg.stages)
+
+    def weights_file(self, cfg) -> None:
+        return None  # backbone.weights is a path
+
+    def structure(self, cfg, input_channels: int) -> Structure:
+        width = BLOCKS.get(cfg.block).out_channels
+        return Structure(
+            skippable=tuple(tuple(b > 0 for b in range(max(st.depths))) for st in cfg.stages),
+            widths=tuple((width(st.channels),) * max(st.depths) for st in cfg.stages))
+
+    def build(self, space) -> Topology:
+        from .heads import build_head
+
+        bb = space.backbone
+        block_cls = BLOCKS.get(bb.block)
+        stem = self.stem(bb.stem, space.input.channels, bb.stem_channels)
+        stages, cin = [], bb.stem_channels
+        for st in bb.stages:
+            stage = []
+            for b in range(max(st.depths)):
+                stage.append(block_cls(in_channels=cin, channels=st.channels,
+                                       stride=st.stride if b == 0 else 1,
+                                       expand_ratio=st.expand_ratio))
+                cin = block_cls.out_channels(st.channels)
+            stages.append(stage)
+        final = build_head(bb.final_head, in_channels=cin, num_classes=space.num_classes,
+                           pre_channels=bb.final_channels)
+        return Topology(stem=stem, stages=stages, final=final,
+                        structure=self.structure(bb, space.input.channels))
+
+
+FAMILIES.register("resnet")(StagedFamily(blocks=("basic", "bottleneck"), stem=_resnet_stem))
+FAMILIES.register("mobilenetv2")(StagedFamily(blocks=("inverted_residual",), stem=_mobilenet_stem))

@@ -126,26 +126,24 @@ class CostTable:
 
 
 def build_cost_table(net: nn.Module) -> CostTable:
-    """Count every segment of a :class:`~exitnas.supernet.Supernet` separately."""
+    """Count every segment of a :class:`~exitnas.supernet.Supernet` separately: its walk at
+    full depth gives each block's input, and each candidate head is counted on its
+    position's output."""
     space: Space = net.space
     shape = (space.input.channels, space.input.size, space.input.size)
     stem = count_macs(net.stem, shape)
+    blocks, feat_shapes = {}, {}
+    was = net.training
+    net.eval()
     with torch.no_grad():
-        was = net.training
-        net.eval()
         x = net.stem(torch.zeros(1, *shape))
-        blocks, feat_shapes = {}, {}
-        for s, stage in enumerate(net.stages):
-            for b, block in enumerate(stage):
-                blocks[(s, b)] = count_macs(block, tuple(x.shape[1:]))
-                x = block(x)
-                feat_shapes[(s, b)] = tuple(x.shape[1:])
-        net.train(was)
-    heads = {}
-    for key, head in net.heads.items():
-        pos, name = key.split("=")
-        s, b = (int(v) for v in pos[1:].split("b"))
-        heads[(s, b, name)] = count_macs(head, feat_shapes[(s, b)])
+        for pos, block in net.walk(space.max_depths):
+            blocks[pos] = count_macs(block, tuple(x.shape[1:]))
+            x = block(x)
+            feat_shapes[pos] = tuple(x.shape[1:])
+    net.train(was)
+    heads = {(e.stage, e.block, e.head): count_macs(net.heads[e.key], feat_shapes[e.position])
+             for e in net.candidate_exits(space.max_depths)}
     final = count_macs(net.final, tuple(x.shape[1:]))
     return CostTable(stem=stem, blocks=blocks, heads=heads, final=final)
 
@@ -155,7 +153,7 @@ def cost_table(space: Space) -> CostTable:
     """The cost table of ``space`` (weights do not change MACs, so a fresh supernet is used)."""
     from .supernet import Supernet
 
-    return build_cost_table(Supernet(space))
+    return build_cost_table(Supernet(space, pretrained=False))
 
 
 def model_segment_macs(model: nn.Module, shape: tuple[int, ...]) -> list[int]:

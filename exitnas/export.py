@@ -79,7 +79,7 @@ def _calibrated_extract(net, space: Space, arch: Arch, splits) -> MultiExitModel
 def _supernet_source(path: Path, space: Space, arch: Arch, splits, kind: str) -> tuple[MultiExitModel, dict]:
     from .supernet import Supernet
 
-    net = Supernet(space).load(path)
+    net = Supernet(space, pretrained=False).load(path)
     model = _calibrated_extract(net, space, arch, splits)
     return model, {"kind": kind, "path": str(path), "weights": "supernet",
                    "bn_recalibrated": {"batches": space.supernet.bn_calib_batches,

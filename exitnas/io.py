@@ -107,3 +107,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: checkpoint holds a {type(state).__name__}, not a dict")
     return state
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` (:func:`load_weights`) or from a ``.pth`` / ``.pt``
+    ``torch.save`` file (``weights_only=True``, and it must hold only str -> tensor: an
+    allowlist; torchvision's published weights are such files)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_weights(path)
+    if path.suffix not in (".pth", ".pt"):
+        raise CheckpointError(f"{path}: weights must be .safetensors, .pth or .pt, not "
+                              f"{path.suffix or 'a file without suffix'!r}")
+    state = load_checkpoint(path)
+    bad = next((k for k, v in state.items()
+                if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: not a state dict (entry {str(bad)[:80]!r} is a "
+                              f"{type(state[bad]).__name__}, not a tensor)")
+    return state

@@ -282,7 +282,7 @@ def seeded_supernet(space: Space, seed: int, *, init=None):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = Supernet(space)
+        net = Supernet(space, pretrained=False)
     if init is not None:
         init(net)
     return net

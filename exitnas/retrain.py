@@ -162,7 +162,7 @@ def inherited_model(run_dir: RunDir, space: Space, arch: Arch, splits: Splits, *
 
     weights = supernet_weights(run_dir, hint=hint)
     with torch.random.fork_rng(devices=[]):
-        net = Supernet(space).load(weights)
+        net = Supernet(space, pretrained=False).load(weights)
     return net.extract(arch, calib=calibration_batches(space, splits)).train()
 
 

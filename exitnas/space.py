@@ -22,7 +22,7 @@ from typing import Literal
 
 import yaml
 
-from . import blocks, data, heads, losses, policy
+from . import blocks, data, heads, losses, policy, topology, tv_family  # noqa: F401 (registers)
 from ._config import field, from_dict, read_yaml, to_dict, with_overrides
 from .errors import ConfigError
 
@@ -51,23 +51,30 @@ class StageConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BackboneConfig:
-    family: str = field(choices=blocks.FAMILIES, doc="backbone family: resnet or mobilenetv2")
-    block: str = field(choices=blocks.BLOCKS, doc="block registry name: basic, bottleneck (resnet), inverted_residual (mobilenetv2)")
-    stem: Literal["cifar", "imagenet"] = field("cifar", doc="cifar: 3x3 s1; imagenet: 7x7 s2 + max-pool")
-    stem_channels: int = field(16, ge=1, le=8192, doc="output width of the stem")
-    stages: tuple[StageConfig, ...] = field(nonempty=True, doc="one entry per stage, in order")
-    final_head: str = field("linear", choices=heads.HEADS, doc="head of the final exit")
-    final_channels: int | None = field(None, ge=1, le=65536, doc="1x1 conv width before the final head")
-    weights: str | None = field(None, doc="trained backbone weights to grow the supernet from "
-                                          "(safetensors, names as train-backbone writes them); "
+    """The ``backbone`` section; its family (``topology.FAMILIES``) checks which fields it
+    needs: ``resnet`` / ``mobilenetv2`` build from ``block`` and ``stages``; ``torchvision``
+    takes ``model`` and optional ``stage_depths``."""
+
+    family: str = field(choices=topology.FAMILIES, doc="backbone family: resnet, mobilenetv2 (built from stages) or torchvision (a torchvision model)")
+    block: str | None = field(None, choices=blocks.BLOCKS, doc="resnet / mobilenetv2: block registry name: basic, bottleneck (resnet), inverted_residual (mobilenetv2)")
+    stem: Literal["cifar", "imagenet"] = field("cifar", doc="resnet / mobilenetv2: cifar: 3x3 s1; imagenet: 7x7 s2 + max-pool")
+    stem_channels: int = field(16, ge=1, le=8192, doc="resnet / mobilenetv2: output width of the stem")
+    stages: tuple[StageConfig, ...] | None = field(None, nonempty=True, doc="resnet / mobilenetv2: one entry per stage, in order")
+    final_head: str = field("linear", choices=heads.HEADS, doc="resnet / mobilenetv2: head of the final exit")
+    final_channels: int | None = field(None, ge=1, le=65536, doc="resnet / mobilenetv2: 1x1 conv width before the final head")
+    model: str | None = field(None, doc="torchvision: the model builder's name (resnet50, mobilenet_v3_large, ...)")
+    stage_depths: tuple[tuple[int, ...], ...] | None = field(
+        None, doc="torchvision: allowed depths per stage (strictly increasing; blocks past a "
+                  "depth must have identity shortcuts); default: every stage at full depth")
+    weights: str | None = field(None, doc="trained backbone weights: a safetensors file in "
+                                          "exitnas's names (train-backbone's), or for torchvision "
+                                          "a torchvision state dict (.pth read with "
+                                          "weights_only, or .safetensors) or "
+                                          "torchvision:ENUM (e.g. torchvision:IMAGENET1K_V2); "
                                           "default: RUN/backbone/weights.safetensors")
 
     def __post_init__(self) -> None:
-        allowed = blocks.FAMILIES.get(self.family).blocks
-        if self.block not in allowed:
-            raise ConfigError(
-                f"block {self.block!r} does not belong to family {self.family!r} "
-                f"(allowed: {', '.join(allowed)})", path="block")
+        topology.FAMILIES.get(self.family).check(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,20 +276,21 @@ class Space:
     retrain: RetrainConfig = field(RetrainConfig())
 
     def __post_init__(self) -> None:
+        self.family.structure(self.backbone, self.input.channels)  # raises for what it cannot build
         for name in ("mean", "std"):
             values = getattr(self.data, name)
             if values is not None and len(values) != self.input.channels:
                 raise ConfigError(f"{len(values)} values for {self.input.channels} input channels",
                                   path=f"data.{name}")
         if isinstance(self.exits.positions, tuple):
-            stages = self.backbone.stages
+            deepest = self.max_depths
             for i, (s, b) in enumerate(self.exits.positions):
                 where = f"exits.positions[{i}]"
-                if not 0 <= s < len(stages):
-                    raise ConfigError(f"stage {s} does not exist ({len(stages)} stages)", path=where)
-                if not 0 <= b < max(stages[s].depths):
+                if not 0 <= s < len(deepest):
+                    raise ConfigError(f"stage {s} does not exist ({len(deepest)} stages)", path=where)
+                if not 0 <= b < deepest[s]:
                     raise ConfigError(f"block {b} is beyond stage {s}'s deepest "
-                                      f"{max(stages[s].depths)} blocks", path=where)
+                                      f"{deepest[s]} blocks", path=where)
             if len(set(self.exits.positions)) != len(self.exits.positions):
                 raise ConfigError("lists a position twice", path="exits.positions")
         if not self.positions():
@@ -291,16 +299,25 @@ class Space:
 
     # ---- derived views -------------------------------------------------------------------
     @property
+    def family(self) -> "topology.Family":
+        return topology.FAMILIES.get(self.backbone.family)
+
+    @functools.cached_property
+    def stage_depths(self) -> tuple[tuple[int, ...], ...]:
+        """Allowed depths per stage (from the backbone's family)."""
+        return self.family.stage_depths(self.backbone)
+
+    @property
     def max_depths(self) -> tuple[int, ...]:
-        return tuple(max(s.depths) for s in self.backbone.stages)
+        return tuple(max(d) for d in self.stage_depths)
 
     @property
     def min_depths(self) -> tuple[int, ...]:
-        return tuple(min(s.depths) for s in self.backbone.stages)
+        return tuple(min(d) for d in self.stage_depths)
 
     def depth_settings(self) -> list[tuple[int, ...]]:
         """Every depth setting of the space (product over stages)."""
-        return list(itertools.product(*(s.depths for s in self.backbone.stages)))
+        return list(itertools.product(*self.stage_depths))
 
     def positions(self, depths: tuple[int, ...] | None = None) -> list[Position]:
         """Candidate exit positions, in network order, active at ``depths`` (default: max).

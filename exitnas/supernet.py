@@ -7,7 +7,7 @@
         ...                                                  # eval mode, BN of ``depths``
 
 Elastic depth: a stage of depth d runs its first d blocks (the first, downsampling block
-always runs). Exit heads are keyed ``s<stage>b<block>=<head>``; the final head is shared by
+always runs); :meth:`Supernet.walk` is the one walk over them. Exit heads are keyed ``s<stage>b<block>=<head>``; the final head is shared by
 every depth setting.
 
 BatchNorm statistics belong to a depth setting (OFA): whatever evaluates or extracts one
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from .arch import Arch, Exit
-from .blocks import BLOCKS, FAMILIES
 from .heads import build_head
 from .model import MultiExitModel
 from .space import Space
+from .topology import walk
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -48,30 +48,31 @@ def calibration_batches(space: Space, splits, *, device: torch.device | None = N
 
 
 class Supernet(nn.Module):
-    def __init__(self, space: Space) -> None:
+    """Stem, stages and final head from the space's backbone family
+    (:class:`~exitnas.topology.Topology`), plus every candidate exit head. With
+    ``pretrained`` (default) and ``backbone.weights`` set, the backbone starts from those
+    weights (:func:`~exitnas.backbone.load_backbone`); else from fresh initial weights."""
+
+    def __init__(self, space: Space, *, pretrained: bool = True) -> None:
         super().__init__()
         self.space = space
-        bb = space.backbone
-        block_cls = BLOCKS.get(bb.block)
-        self.stem = FAMILIES.get(bb.family).stem(bb.stem, space.input.channels, bb.stem_channels)
-        self.stages = nn.ModuleList()
-        self.widths: list[int] = []
-        cin = bb.stem_channels
-        for st in bb.stages:
-            stage = nn.ModuleList()
-            for b in range(max(st.depths)):
-                stage.append(block_cls(in_channels=cin, channels=st.channels,
-                                       stride=st.stride if b == 0 else 1,
-                                       expand_ratio=st.expand_ratio))
-                cin = block_cls.out_channels(st.channels)
-            self.stages.append(stage)
-            self.widths.append(cin)
+        topo = space.family.build(space)
+        self.stem = topo.stem
+        self.stages = nn.ModuleList(nn.ModuleList(stage) for stage in topo.stages)
+        self.structure, self.sources = topo.structure, topo.sources
         self.heads = nn.ModuleDict({
-            e.key: build_head(e.head, in_channels=self.widths[e.stage],
+            e.key: build_head(e.head, in_channels=self.structure.widths[e.stage][e.block],
                               num_classes=space.num_classes)
             for e in self.candidate_exits(space.max_depths)})
-        self.final = build_head(bb.final_head, in_channels=cin, num_classes=space.num_classes,
-                                pre_channels=bb.final_channels)
+        self.final = topo.final
+        if pretrained and space.backbone.weights is not None:
+            from .backbone import load_backbone, weights_path
+
+            load_backbone(self, weights_path(space))
+
+    def walk(self, depths: Sequence[int]) -> Iterator[tuple[tuple[int, int], nn.Module]]:
+        """The blocks that run at ``depths`` with their positions (:func:`topology.walk`)."""
+        return walk(self.stages, depths)
 
     def candidate_exits(self, depths: Sequence[int]) -> list[Exit]:
         """Every (position, head) pair active at ``depths``, sorted (network order, then head
@@ -90,11 +91,10 @@ class Supernet(nn.Module):
             by_pos.setdefault(e.position, []).append(e)
         out = []
         x = self.stem(x)
-        for s, stage in enumerate(self.stages):
-            for b in range(depths[s]):
-                x = stage[b](x)
-                for e in by_pos.get((s, b), ()):
-                    out.append(self.heads[e.key](x))
+        for pos, block in self.walk(depths):
+            x = block(x)
+            for e in by_pos.get(pos, ()):
+                out.append(self.heads[e.key](x))
         out.append(self.final(x))
         return out
 
@@ -176,12 +176,11 @@ class Supernet(nn.Module):
         cuts = [e.position for e in arch.exits]
         segments: list[nn.Module] = []
         current: list[nn.Module] = [copy.deepcopy(self.stem)]
-        for s, stage in enumerate(self.stages):
-            for b in range(arch.depths[s]):
-                current.append(copy.deepcopy(stage[b]))
-                if (s, b) in cuts:
-                    segments.append(nn.Sequential(*current))
-                    current = []
+        for pos, block in self.walk(arch.depths):
+            current.append(copy.deepcopy(block))
+            if pos in cuts:
+                segments.append(nn.Sequential(*current))
+                current = []
         segments.append(nn.Sequential(*current))
         heads = [copy.deepcopy(self.heads[e.key]) for e in arch.exits] + [copy.deepcopy(self.final)]
         names = [e.key for e in arch.exits] + ["final"]
@@ -193,7 +192,7 @@ def build_model(space: Space, arch: Arch, *, seed: int | None = None) -> MultiEx
     """A freshly initialised standalone model for ``arch`` (for training from scratch)."""
     if seed is not None:
         torch.manual_seed(seed)
-    return Supernet(space).extract(arch)
+    return Supernet(space, pretrained=False).extract(arch)
 
 
 def load_model(space: Space, arch: Arch, path, state: dict | None = None) -> MultiExitModel:

@@ -52,7 +52,7 @@ def sandwich_depths(space: Space, rng: random.Random, n_random: int) -> list[tup
     uniformly per stage."""
     out = [space.min_depths]
     for _ in range(n_random):
-        out.append(tuple(rng.choice(st.depths) for st in space.backbone.stages))
+        out.append(tuple(rng.choice(allowed) for allowed in space.stage_depths))
     return out
 
 

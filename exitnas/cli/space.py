@@ -20,8 +20,8 @@ class SpaceCheck:
         space = load_space(args.file)
         bb = space.backbone
         n_depth = len(space.depth_settings())
-        print(f"{args.file}: ok — space {space.name!r} v{space.version}, {bb.family}/{bb.block}, "
-              f"{len(bb.stages)} stages, {n_depth} depth settings, "
+        print(f"{args.file}: ok — space {space.name!r} v{space.version}, {bb.family}/{bb.block or bb.model}, "
+              f"{len(space.stage_depths)} stages, {n_depth} depth settings, "
               f"{len(space.positions())} exit positions x {len(space.exits.heads)} heads, "
               f"<= {space.exits.max_exits} exits, policies {', '.join(space.policy.names)}")
 

@@ -72,9 +72,9 @@ class Genome:
         """Suggest every parameter on an Optuna trial; returns them as a dict."""
         sp = self.space
         out: dict[str, Any] = {}
-        for i, st in enumerate(sp.backbone.stages):
-            if len(st.depths) > 1:
-                out[f"depth{i}"] = trial.suggest_categorical(f"depth{i}", list(st.depths))
+        for i, allowed in enumerate(sp.stage_depths):
+            if len(allowed) > 1:
+                out[f"depth{i}"] = trial.suggest_categorical(f"depth{i}", list(allowed))
         if self.min_exits < self.slots:
             out["n_exits"] = trial.suggest_int("n_exits", self.min_exits, self.slots)
         labels = [position_label(p) for p in self.positions]
@@ -100,8 +100,8 @@ class Genome:
     def decode(self, params: Mapping[str, Any]) -> Arch:
         """The architecture a parameter dict stands for (always valid in the space)."""
         sp = self.space
-        depths = tuple(int(params.get(f"depth{i}", st.depths[0]))
-                       for i, st in enumerate(sp.backbone.stages))
+        depths = tuple(int(params.get(f"depth{i}", allowed[0]))
+                       for i, allowed in enumerate(sp.stage_depths))
         active = sp.positions(depths)
         n = min(int(params.get("n_exits", self.slots)), len(active))
         policy = str(params.get("policy", self.policies[0]))
@@ -146,8 +146,8 @@ class Genome:
         """Parameters that decode to ``arch`` (to enqueue known architectures)."""
         sp = self.space
         out: dict[str, Any] = {}
-        for i, st in enumerate(sp.backbone.stages):
-            if len(st.depths) > 1:
+        for i, allowed in enumerate(sp.stage_depths):
+            if len(allowed) > 1:
                 out[f"depth{i}"] = arch.depths[i]
         if self.min_exits < self.slots:
             out["n_exits"] = max(len(arch.exits), self.min_exits)

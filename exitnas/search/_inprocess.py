@@ -97,7 +97,7 @@ class InProcessBackend(Backend):
 
         session = join_session(ctx.study, ctx.lock)
         failed = fail_stale_trials(ctx.study)
-        net = Supernet(ctx.space).load(ctx.weights)
+        net = Supernet(ctx.space, pretrained=False).load(ctx.weights)
         caches = CacheStore(run_dir=ctx.run, net=net, splits=load_splits(ctx.space))
         objective = Objective(costs=ctx.costs, budget=ctx.budget, caches=caches,
                               fitter=Fitter.from_space(ctx.space, ctx.budget))

@@ -80,7 +80,7 @@ class _CacheServerImpl:
 
         torch.set_num_threads(1)
         space = parse_space(space_dict)
-        net = Supernet(space)
+        net = Supernet(space, pretrained=False)
         net.load_state_dict(load_tensors(weights))
         self.store = CacheStore(run_dir=RunDir(run_path), net=net, splits=load_splits(space))
         self.refs: dict[tuple[int, ...], Any] = {}

@@ -74,7 +74,7 @@ def check_weights(space, path: Path) -> None:
     opened (the backends load them only after that, and a refused run must write nothing)."""
     from ..supernet import Supernet
 
-    Supernet(space).load(path)
+    Supernet(space, pretrained=False).load(path)
 
 
 def open_study(storage: OpenedStorage, name: str, *, identity: dict):
