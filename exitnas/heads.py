@@ -1,5 +1,8 @@
 """Exit-head designs, in a registry. Each head maps a feature map [N, C, H, W] to logits
-[N, num_classes] and is built with keyword-only ``in_channels`` and ``num_classes``.
+[N, num_classes] and is built with keyword-only ``in_channels`` and ``num_classes``; a head
+with a hidden layer sets ``hidden = True`` and also takes ``hidden_channels``, its width:
+``min(C, exits.head_width)`` for exit heads (a conv head on 2,048 channels would otherwise cost
+more than a ResNet-50 stage), C for the final head.
 
 Add your own with ``@HEADS.register("name")``; the name can then be used in a search space.
 
@@ -63,15 +66,18 @@ class SDNPoolHead(nn.Module):
 
 @HEADS.register("conv")
 class ConvHead(nn.Module):
-    """ZTW / MSDNet style: 3x3 conv-BN-ReLU (same width), global average pool, Linear."""
+    """ZTW / MSDNet style: 3x3 conv-BN-ReLU to ``hidden_channels``, global average pool,
+    Linear."""
 
-    def __init__(self, *, in_channels: int, num_classes: int) -> None:
+    hidden = True
+
+    def __init__(self, *, in_channels: int, num_classes: int, hidden_channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(in_channels)
+        self.conv = nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(hidden_channels)
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
+        self.fc = nn.Linear(hidden_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn(self.conv(x)))
@@ -80,13 +86,15 @@ class ConvHead(nn.Module):
 
 @HEADS.register("mlp")
 class MLPHead(nn.Module):
-    """Global average pool + Linear(C, C)-ReLU-Linear(C, classes) (hidden width = C)."""
+    """Global average pool + Linear(C, hidden)-ReLU-Linear(hidden, classes)."""
 
-    def __init__(self, *, in_channels: int, num_classes: int) -> None:
+    hidden = True
+
+    def __init__(self, *, in_channels: int, num_classes: int, hidden_channels: int) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.mlp = nn.Sequential(nn.Linear(in_channels, in_channels), nn.ReLU(inplace=True),
-                                 nn.Linear(in_channels, num_classes))
+        self.mlp = nn.Sequential(nn.Linear(in_channels, hidden_channels), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_channels, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.flatten(self.pool(x), 1))
@@ -127,10 +135,14 @@ def adaptive_max_pool2d_windows(x: torch.Tensor, output_size) -> tuple[torch.Ten
 
 
 def build_head(name: str, *, in_channels: int, num_classes: int,
-               pre_channels: int | None = None) -> nn.Module:
+               pre_channels: int | None = None, max_hidden: int | None = None) -> nn.Module:
     """Build head ``name``; ``pre_channels`` puts a 1x1 conv-BN-ReLU6 in front (MobileNetV2's
-    last layer before its classifier)."""
-    head = HEADS.get(name)(in_channels=pre_channels or in_channels, num_classes=num_classes)
+    last layer before its classifier); a head with a hidden layer gets ``min(C, max_hidden)``
+    hidden channels (C without ``max_hidden``)."""
+    cls = HEADS.get(name)
+    cin = pre_channels or in_channels
+    extra = {"hidden_channels": min(cin, max_hidden or cin)} if getattr(cls, "hidden", False) else {}
+    head = cls(in_channels=cin, num_classes=num_classes, **extra)
     if pre_channels is None:
         return head
     pre = nn.Sequential(nn.Conv2d(in_channels, pre_channels, 1, bias=False),

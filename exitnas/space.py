@@ -83,6 +83,9 @@ class ExitsConfig:
         "all", doc="'all' or a list of [stage, block] pairs after which an exit may sit")
     heads: tuple[str, ...] = field(("linear",), nonempty=True, choices=heads.HEADS,
                                    doc="head designs the search may place (heads registry)")
+    head_width: int = field(256, ge=1, le=65536, doc="widest hidden layer of an exit head: "
+                            "conv and mlp heads use min(C, head_width) channels on C-channel "
+                            "features (costed as built)")
     max_exits: int = field(4, ge=1, le=4096, doc="most early exits (the final exit not counted)")
     min_exits: int = field(1, ge=0, le=4096, doc="fewest early exits")
 

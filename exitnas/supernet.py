@@ -62,7 +62,7 @@ class Supernet(nn.Module):
         self.structure, self.sources = topo.structure, topo.sources
         self.heads = nn.ModuleDict({
             e.key: build_head(e.head, in_channels=self.structure.widths[e.stage][e.block],
-                              num_classes=space.num_classes)
+                              num_classes=space.num_classes, max_hidden=space.exits.head_width)
             for e in self.candidate_exits(space.max_depths)})
         self.final = topo.final
         if pretrained and space.backbone.weights is not None:

@@ -108,3 +108,36 @@ def test_sdn_pool_head_names_and_macs(size):
     pooled = c * 4 * 4
     want = 2 * c * size * size + (1 + 1 + 3 * pooled) + pooled * CLASSES
     assert count_macs(head, (c, size, size)) == want
+
+
+def test_heads_on_wide_features_follow_the_width_rule(tmp_path):
+    """exits.head_width caps a head's hidden layer: a conv head on ResNet-50's 2,048-channel
+    7x7 features with the default 256 costs less than a third of the last stage's three
+    blocks (uncapped it costs more than the whole stage); heads without a hidden layer are
+    unchanged, and the supernet and its cost table build heads by the rule."""
+    import yaml
+
+    from exitnas import cost
+    from exitnas.space import load_space
+    from exitnas.supernet import Supernet
+
+    capped = build_head("conv", in_channels=2048, num_classes=CLASSES, max_hidden=256)
+    uncapped = build_head("conv", in_channels=2048, num_classes=CLASSES)
+    assert capped.conv.out_channels == 256 and capped.fc.in_features == 256
+    assert uncapped.conv.out_channels == 2048
+    mlp = build_head("mlp", in_channels=2048, num_classes=CLASSES, max_hidden=256)
+    assert [m.out_features for m in mlp.mlp if isinstance(m, nn.Linear)] == [256, CLASSES]
+    narrow = build_head("mlp", in_channels=64, num_classes=CLASSES, max_hidden=256)
+    assert narrow.mlp[0].out_features == 64
+    linear = build_head("linear", in_channels=2048, num_classes=CLASSES, max_hidden=256)
+    assert linear.fc.in_features == 2048
+
+    spec = {"name": "r50", "num_classes": CLASSES, "input": {"channels": 3, "size": 224},
+            "backbone": {"family": "torchvision", "model": "resnet50"},
+            "exits": {"heads": ["conv"], "positions": [[3, 1]], "max_exits": 1}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    space = load_space(tmp_path / "s.yaml")
+    table = cost.build_cost_table(Supernet(space, pretrained=False))
+    stage4 = sum(m for (s, _), m in table.blocks.items() if s == 3)
+    assert table.heads[(3, 1, "conv")] < stage4 / 3
+    assert cost.count_macs(uncapped, (2048, 7, 7)) > stage4
