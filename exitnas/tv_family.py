@@ -201,7 +201,7 @@ def _weights_enum(model: str, spec: str):
     name = spec[len(WEIGHTS_PREFIX):]
     if name not in enum.__members__:
         raise ConfigError(f"{spec!r}: {model} has no weights {name!r} (known: "
-                          f"{', '.join(enum.__members__)})", path="backbone.weights")
+                          f"{', '.join(enum.__members__)})", path="weights")
     return enum[name]
 
 
@@ -220,6 +220,8 @@ class TorchvisionFamily:
                               f"{', '.join(sorted(CUTS))})", path="model")
         if cfg.stage_depths is not None:
             describe(cfg.model).check_depths(cfg.stage_depths, path="stage_depths")
+        if (cfg.weights or "").startswith(WEIGHTS_PREFIX):
+            _weights_enum(cfg.model, cfg.weights)
 
     def stage_depths(self, cfg) -> tuple[tuple[int, ...], ...]:
         if cfg.stage_depths is not None:
