@@ -1,10 +1,9 @@
 """Every use exitnas makes of an Optuna or Ray private attribute, each with why it is needed.
 
 No other module of ``exitnas.search`` touches a private name of Optuna or Ray (a test reads
-their source to check), except ``_objective.py`` (``TrialRecord.apply`` writes
-``trial._trial_id``; it should call :func:`set_trial_system_attr`), which also relies on the
-value of Optuna's private ``_constrained_optimization._CONSTRAINTS_KEY`` ("constraints", the
-list optuna-dashboard reads; the test checks it). :data:`CHECKED` names the versions each use below was read against in
+their source to check). ``_objective.py`` relies on the value of Optuna's private
+``_constrained_optimization._CONSTRAINTS_KEY`` ("constraints", the list optuna-dashboard
+reads; the test checks it) and writes it through :func:`set_trial_system_attr`. :data:`CHECKED` names the versions each use below was read against in
 their source; ``tests/test_search_internals.py`` fails when the installed versions differ, so
 an upgrade forces a re-check of this file (then update :data:`CHECKED`).
 

@@ -30,6 +30,7 @@ from ..arch import Arch
 from ..cost import CostTable
 from ..evaluate import ArchStats, ExitCache, load_or_build_cache, score
 from ._budget import Budget
+from ._internals import set_trial_system_attr
 
 METRIC_NAMES = ("accuracy", "expected_macs")
 DIRECTIONS = ("maximize", "minimize")
@@ -118,8 +119,8 @@ class TrialRecord:
             trial.set_user_attr(key, value)
         for key, value in self.constraints.items():
             trial.set_constraint(key, value)
-        trial.storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS_KEY,
-                                            [float(v) for v in self.constraints.values()])
+        set_trial_system_attr(trial, DASHBOARD_CONSTRAINTS_KEY,
+                              [float(v) for v in self.constraints.values()])
 
     def to_json(self) -> dict[str, Any]:
         return {"arch": self.arch.to_json(), "accuracy": self.accuracy,
