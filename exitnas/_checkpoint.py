@@ -20,14 +20,42 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+_NONE = object()
+
+
+def _space_default(key: str):
+    """The default of the space setting ``key`` (``data.loader``), flattened as in settings;
+    a marker equal to nothing when ``key`` names none. A setting added to exitnas after a
+    checkpoint was written resumes only at its default: the behaviour the old run had."""
+    import dataclasses
+
+    from .space import Space
+
+    node = Space  # the class at the top, then the default instances below it
+    for part in key.split("."):
+        f = ({f.name: f for f in dataclasses.fields(node)}.get(part)
+             if dataclasses.is_dataclass(node) else None)
+        if f is None:
+            return _NONE
+        if not isinstance(node, type):
+            node = getattr(node, part)
+        elif f.default is not dataclasses.MISSING:
+            node = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            node = f.default_factory()
+        else:
+            return _NONE
+    return list(node) if isinstance(node, tuple) else node
+
+
 def open_checkpoint(path: Path, *, identity: dict, settings: dict, resume: bool,
                     restart: bool) -> dict | None:
     """The checkpoint to continue from, or None to start fresh.
 
     Without a checkpoint: fresh (``resume`` demands one). With one: it must have been made for
-    the same ``identity`` (kind, space, arch, regime...) and the same ``settings``, else a
-    one-line CheckpointError says what differs. ``restart`` ignores it (it is replaced when the
-    first new epoch ends)."""
+    the same ``identity`` (kind, space, arch, regime...) and the same ``settings`` (one the
+    checkpoint predates counts as its default), else a one-line CheckpointError says what
+    differs. ``restart`` ignores it (it is replaced when the first new epoch ends)."""
     if restart:
         return None
     if not path.is_file():
@@ -44,7 +72,8 @@ def open_checkpoint(path: Path, *, identity: dict, settings: dict, resume: bool,
             raise CheckpointError(f"{path}: checkpoint belongs to {key} {old_id.get(key)!r}, "
                                   f"not {want!r}; refusing to resume from it")
     old, new = _flatten(state.get("settings", {})), _flatten(settings)
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+                  and not (k not in old and new[k] == _space_default(k)))
     if diff:
         k = diff[0]
         raise CheckpointError(f"{path}: made with {k}={old.get(k)!r}, this run has "

@@ -1,24 +1,31 @@
-"""Datasets as decoded uint8 tensors in memory, split into train / val / test.
+"""Datasets split into train / val / test, held in memory or streamed from image files.
 
 Datasets are functions in the :data:`DATASETS` registry, named by ``data.dataset``: each takes
-the :class:`~exitnas.space.Space` and returns ``(train, test, classes)`` as :class:`TensorSet`
-(uint8 images ``[N, C, H, W]``, int64 labels) and class names; :func:`load_splits` checks the
-shapes, holds val out of train and normalises. Add your own with ``@DATASETS.register("name")``.
-Built in: ``digits`` (scikit-learn's bundled 8x8 digits: no download), ``synthetic`` (class
-templates plus noise, for tests), ``cifar10`` / ``cifar100`` (torchvision, ``download`` flag),
-``imagefolder`` (``root/train/<class>/*`` and ``root/test/<class>/*``). Decoded images are cached
+the :class:`~exitnas.space.Space` and returns ``(train, test, classes)`` as :class:`ImageSet`
+(a :class:`TensorSet`: uint8 images ``[N, C, H, W]`` and int64 labels in memory; or a
+:class:`~exitnas.stream.FolderSet`: image files read per batch) and class names;
+:func:`load_splits` checks the shapes, holds val out of train and normalises. Add your own with
+``@DATASETS.register("name")`` (it may return either kind; :func:`use_stream` says which
+``data.loader`` asks for). Built in: ``digits`` (scikit-learn's bundled 8x8 digits: no
+download), ``synthetic`` (class templates plus noise, for tests), ``cifar10`` / ``cifar100``
+(torchvision, ``download`` flag), ``imagefolder`` (``root/train/<class>/*`` and
+``root/test/<class>/*``). Only ``imagefolder`` streams; in memory its decoded images are cached
 as safetensors under ``root/.exitnas-cache`` so a second run skips JPEG decoding.
 
-Val is held out of train with ``split_seed`` and is never augmented. Batches are made from the
-in-memory tensors (random crop with zero padding of size/8 and a horizontal flip on train), which
-keeps two CPU cores busy without worker processes; the order of each epoch depends only on
-``(seed, epoch)`` so a resumed run sees the same batches.
+Val is held out of train with ``split_seed`` (the same indices for either kind) and is never
+augmented. Every consumer reads a set through :func:`batches` (``set.batches(...)``): in
+memory, random crop with zero padding of size/8 and a horizontal flip on train, which keeps two
+CPU cores busy without worker processes; streamed, torchvision's RandomResizedCrop + flip on
+train and Resize + CenterCrop for evaluation, in ``data.num_workers`` DataLoader workers.
+Either way the order and augmentation of each epoch depend only on ``(seed, epoch)``, so a
+resumed run sees the same batches.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -30,29 +37,103 @@ if TYPE_CHECKING:
     from .space import Space
 
 
-@dataclass(frozen=True)
-class TensorSet:
-    images: torch.Tensor  # [N, C, H, W] uint8
-    labels: torch.Tensor  # [N] int64
+Batch = tuple[torch.Tensor, torch.Tensor]  # normalised float32 [B, C, H, W], int64 labels [B]
+
+
+class ImageSet:
+    """One split's images: ``len``, ``labels`` (int64 [N]), ``shape`` ((C, H, W) of a batch
+    image), ``subset(index)``, ``stats()`` and ``batches(...)``; every kind (in memory,
+    streamed) implements them, so no consumer asks which kind it holds. ``streams`` is True
+    for a set read from files per batch."""
+
+    streams: ClassVar[bool] = False
+    labels: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        raise NotImplementedError
+
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of the pixels scaled to [0, 1] (``data.mean`` / ``std``
+        when the space leaves them unset)."""
+        raise NotImplementedError
+
+    def batches(self, *, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                shuffle: bool = False, augment_images: bool = False, seed: int = 0,
+                drop_last: bool = False, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """See :func:`batches`."""
+        raise NotImplementedError
+
+
+def epoch_plan(n: int, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+               rank: int, world: int) -> tuple[torch.Generator, list[torch.Tensor]]:
+    """The index batches of one pass over ``n`` samples and the generator that drew them
+    (the set's augmentation draws from it next). With ``shuffle`` the order depends on
+    ``seed`` only; ``rank``/``world`` shard it (every rank gets the same number of batches)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    if world > 1:
+        per = n // world
+        order = order[rank * per:(rank + 1) * per]
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    plan = []
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        if len(idx) == 0:
+            break
+        plan.append(idx)
+    return g, plan
+
+
+@dataclass(frozen=True)
+class TensorSet(ImageSet):
+    """Decoded images in memory."""
+
+    images: torch.Tensor  # [N, C, H, W] uint8
+    labels: torch.Tensor  # [N] int64
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
     def subset(self, index: torch.Tensor) -> "TensorSet":
         return TensorSet(self.images[index], self.labels[index])
+
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        x = self.images.float() / 255
+        return (tuple(x.mean(dim=(0, 2, 3)).tolist()),
+                tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()))
+
+    def batches(self, *, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                shuffle: bool = False, augment_images: bool = False, seed: int = 0,
+                drop_last: bool = False, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """Random crop (zero padding of size/8) + horizontal flip with ``augment_images``."""
+        g, plan = epoch_plan(len(self), batch_size=batch_size, shuffle=shuffle, seed=seed,
+                             drop_last=drop_last, rank=rank, world=world)
+        for idx in plan:
+            images = self.images[idx]
+            if augment_images:
+                images = augment(images, g)
+            yield normalize(images, mean, std), self.labels[idx]
 
 
 @dataclass(frozen=True)
 class Splits:
-    train: TensorSet
-    val: TensorSet
-    test: TensorSet
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
 
-Loaded = tuple[TensorSet, TensorSet, tuple[str, ...]]  # (train, test, class names)
+Loaded = tuple[ImageSet, ImageSet, tuple[str, ...]]  # (train, test, class names)
 DATASETS: Registry[Callable[["Space"], Loaded]] = Registry("dataset")
 
 
@@ -134,32 +215,51 @@ def cifar100(space: Space) -> Loaded:
     return _torchvision_cifar(space, "cifar100", torchvision.datasets.CIFAR100)
 
 
-def _decode_folder(folder: Path, classes: list[str], channels: int, size: int) -> TensorSet:
+def list_folder(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    """Every file of ``folder/<class>/`` as ``<class>/<name>`` (classes in the given order,
+    names sorted) and its label: the one order both kinds of set index."""
+    names, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(e.name for e in os.scandir(folder / name) if e.is_file())
+        names += [f"{name}/{f}" for f in files]
+        labels += [label] * len(files)
+    if not names:
+        raise DataError(f"{folder}: no images found")
+    return names, labels
+
+
+def _decode_folder(folder: Path, files: list[str], labels: list[int], channels: int,
+                   size: int) -> TensorSet:
     from PIL import Image
 
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).iterdir() if p.is_file())
-        for f in files:
-            with Image.open(f) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
-            images.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise DataError(f"{folder}: no images found")
+    images = []
+    for f in files:
+        with Image.open(folder / f) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+        images.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
     return TensorSet(torch.from_numpy(np.ascontiguousarray(np.stack(images))),
                      torch.tensor(labels, dtype=torch.int64))
+
+
+def use_stream(space: Space, images: int) -> bool:
+    """Whether a dataset that can stream should, holding ``images`` images (train + test):
+    ``data.loader: stream``, or ``auto`` when their decoded size (images x channels x size^2
+    bytes) is above ``data.stream_threshold``."""
+    cfg = space.data
+    if cfg.loader != "auto":
+        return cfg.loader == "stream"
+    return images * space.input.channels * space.input.size ** 2 > cfg.stream_threshold
 
 
 @DATASETS.register("imagefolder")
 def imagefolder(space: Space) -> Loaded:
     """data.root holding train/ and test/ class folders.
 
-    ``root/train/<class>/*`` and ``root/test/<class>/*``, decoded once into
-    ``root/.exitnas-cache``."""
+    ``root/train/<class>/*`` and ``root/test/<class>/*``; streamed per batch (``data.loader``),
+    or decoded once into ``root/.exitnas-cache``."""
     from safetensors.torch import load_file, save_file
 
     if not space.data.root:
@@ -178,6 +278,15 @@ def imagefolder(space: Space) -> Loaded:
     from .io import atomic_path
 
     c, s = space.input.channels, space.input.size
+    listed = {}
+    if space.data.loader != "memory":  # memory with a cache never needs the listing
+        listed = {split: list_folder(root / split, classes) for split in ("train", "test")}
+        if use_stream(space, sum(len(v[0]) for v in listed.values())):
+            from .stream import FolderSet
+
+            return (*(FolderSet.of(root / split, *listed[split], channels=c, size=s,
+                                   num_workers=space.data.num_workers)
+                      for split in ("train", "test")), tuple(classes))
     sets = []
     for split in ("train", "test"):
         cache = root / ".exitnas-cache" / f"{split}-c{c}-s{s}.safetensors"
@@ -185,7 +294,8 @@ def imagefolder(space: Space) -> Loaded:
             t = load_file(str(cache))
             ts = TensorSet(t["images"], t["labels"])
         except Exception:  # missing or unreadable cache: decode again
-            ts = _decode_folder(root / split, classes, c, s)
+            files, labels = listed.get(split) or list_folder(root / split, classes)
+            ts = _decode_folder(root / split, files, labels, c, s)
             try:
                 with atomic_path(cache) as tmp:
                     save_file({"images": ts.images.contiguous(), "labels": ts.labels}, str(tmp))
@@ -195,12 +305,24 @@ def imagefolder(space: Space) -> Loaded:
     return sets[0], sets[1], tuple(classes)
 
 
+def _check_kind(cfg, name: str, part: ImageSet) -> None:
+    if cfg.loader == "stream" and not part.streams:
+        raise DataError(f"data.loader 'stream': dataset {cfg.dataset!r} loads its {name} split "
+                        "into memory (only a dataset that returns a streaming set, such as "
+                        "imagefolder, can stream); use data.loader auto or memory")
+    if cfg.loader == "memory" and part.streams:
+        raise DataError(f"data.loader 'memory': dataset {cfg.dataset!r} streams its {name} "
+                        "split; use data.loader auto or stream")
+
+
 def load_splits(space: Space) -> Splits:
     """Load the space's dataset (``DATASETS[data.dataset]``) and split it; checks shapes
     against ``space.input``."""
     cfg = space.data
     train, test, classes = DATASETS.get(cfg.dataset)(space)
-    shape = tuple(train.images.shape[1:])
+    _check_kind(cfg, "train", train)
+    _check_kind(cfg, "test", test)
+    shape = tuple(train.shape)
     want = (space.input.channels, space.input.size, space.input.size)
     if shape != want:
         raise DataError(f"data.dataset {cfg.dataset!r}: images are {list(shape)} but input is "
@@ -222,9 +344,8 @@ def load_splits(space: Space) -> Splits:
         raise DataError(f"data: no training images left after holding out val ({n_val})")
     mean, std = cfg.mean, cfg.std
     if mean is None or std is None:
-        x = train.images.float() / 255
-        mean = mean or tuple(x.mean(dim=(0, 2, 3)).tolist())
-        std = std or tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+        measured = train.stats()
+        mean, std = mean or measured[0], std or measured[1]
     for name, v in (("data.mean", mean), ("data.std", std)):
         if len(v) != space.input.channels:
             raise DataError(f"{name}: {len(v)} values for {space.input.channels} channels")
@@ -254,28 +375,17 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def batches(data: TensorSet, *, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-            shuffle: bool = False, augment_images: bool = False, seed: int = 0,
-            drop_last: bool = False, rank: int = 0, world: int = 1
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised float batches. With ``shuffle`` the order depends on ``seed`` only;
-    ``rank``/``world`` shard each epoch for distributed training (every rank gets the same
-    number of batches)."""
-    n = len(data)
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-    if world > 1:
-        per = n // world
-        order = order[rank * per:(rank + 1) * per]
-    stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
-        if len(idx) == 0:
-            break
-        images = data.images[idx]
-        if augment_images:
-            images = augment(images, g)
-        yield normalize(images, mean, std), data.labels[idx]
+def batches(data: ImageSet, *, batch_size: int, mean: tuple[float, ...],
+            std: tuple[float, ...], shuffle: bool = False, augment_images: bool = False,
+            seed: int = 0, drop_last: bool = False, rank: int = 0, world: int = 1
+            ) -> Iterator[Batch]:
+    """Yield normalised float batches of ``data`` (``data.batches``: each kind of set makes its
+    own). With ``shuffle`` the order depends on ``seed`` only; ``augment_images`` is the
+    training augmentation (without it, the evaluation view); ``rank``/``world`` shard each
+    epoch for distributed training (every rank gets the same number of batches)."""
+    return data.batches(batch_size=batch_size, mean=mean, std=std, shuffle=shuffle,
+                        augment_images=augment_images, seed=seed, drop_last=drop_last,
+                        rank=rank, world=world)
 
 
 def extract_tarball(tarball: str | Path, dest: str | Path) -> Path:

@@ -151,12 +151,19 @@ class DataConfig:
     download: bool = field(False, doc="let torchvision download CIFAR")
     val_fraction: float = field(0.1, gt=0.0, lt=1.0, doc="held out of train, never augmented")
     split_seed: int = field(0, ge=0, le=SEED_MAX, doc="seed of the train/val split")
-    mean: tuple[float, ...] | None = field(None, doc="per-channel normalisation (dataset default)")
+    mean: tuple[float, ...] | None = field(None, doc="per-channel normalisation (default: measured on train; streamed: on 512 sampled train images)")
     std: tuple[float, ...] | None = field(None, gt=0.0, doc="per-channel std (dataset default)")
-    augment: bool = field(True, doc="random crop (pad size/8) + horizontal flip on train")
+    augment: bool = field(True, doc="augment train: in memory random crop (pad size/8) + horizontal flip; streamed RandomResizedCrop(input.size) + horizontal flip")
     batch_size: int = field(128, ge=1, le=2**20, doc="training batch (per process)")
     eval_batch_size: int = field(512, ge=1, le=2**20, doc="batch for caching and evaluation")
-    num_workers: int = field(0, ge=0, le=1024, doc="reserved for streaming loaders; in-memory sets need none")
+    num_workers: int = field(0, ge=0, le=1024, doc="DataLoader worker processes of a streamed set (0: read in the training process); in-memory sets need none")
+    loader: Literal["auto", "memory", "stream"] = field(
+        "auto", doc="memory: decode every image into RAM once; stream: read image files per batch "
+                    "(torch DataLoader; train RandomResizedCrop + flip, val / test / BN "
+                    "calibration Resize(round(input.size / 0.875)) + CenterCrop(input.size)); "
+                    "only imagefolder streams; auto: stream an imagefolder above "
+                    "data.stream_threshold, else memory")
+    stream_threshold: int = field(2**31, ge=0, le=2**62, doc="auto streams an imagefolder whose decoded train + test images (files x input.channels x input.size^2 bytes) exceed this many bytes (default 2 GiB)")
     train_subset: int | None = field(None, ge=1, le=2**40, doc="use only this many train images")
     test_subset: int | None = field(None, ge=1, le=2**40, doc="use only this many test images (a random subset, seed data.split_seed)")
     synthetic_size: int = field(512, ge=16, le=2**20, doc="images in the synthetic set")
