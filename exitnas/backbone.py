@@ -43,16 +43,14 @@ def backbone_state(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in net.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
 
 
-def _renamed(state: dict[str, torch.Tensor], sources) -> dict[str, torch.Tensor] | None:
-    """``state`` in the supernet's names via ``sources`` (supernet path, source path), or None
-    when some tensor comes from no source module."""
+def _renamed(state: dict[str, torch.Tensor], sources) -> dict[str, torch.Tensor]:
+    """``state`` in the supernet's names via ``sources`` (supernet path, source path); a
+    tensor from no source module keeps its own name (so it is the one reported unexpected)."""
     by_len = sorted(sources, key=lambda ps: -len(ps[1]))
     out = {}
     for key, t in state.items():
         hit = next(((ours, theirs) for ours, theirs in by_len if key.startswith(theirs + ".")), None)
-        if hit is None:
-            return None
-        out[hit[0] + key[len(hit[1]):]] = t
+        out[key if hit is None else hit[0] + key[len(hit[1]):]] = t
     return out
 
 
@@ -65,7 +63,7 @@ def load_backbone(net, path: str | Path):
     state = load_state_dict(path)  # refuses pickles that are not plain tensors
     want = backbone_state(net)
     if net.sources and not set(state) <= set(want):
-        state = _renamed(state, net.sources) or state
+        state = _renamed(state, net.sources)
     extra = sorted(set(state) - set(want))
     missing = sorted(set(want) - set(state))
     if extra or missing:

@@ -8,7 +8,7 @@ file's stage list out of these blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -126,6 +126,7 @@ class StagedFamily:
 
     blocks: tuple[str, ...]
     stem: Callable[[str, int, int], nn.Module]
+    batchnorm_folded: ClassVar[bool] = False  # BatchNorm counted as fvcore does (exitnas.cost)
 
     def check(self, cfg) -> None:
         for name in ("block", "stages"):

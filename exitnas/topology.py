@@ -86,6 +86,10 @@ class Family(Protocol):
     """A backbone family plugin: checks its part of the ``backbone`` section, describes the
     network it builds, and builds it."""
 
+    #: the cost table counts a BatchNorm after a convolution as folded into it (0 MACs), as
+    #: the family's reference figures do (:mod:`exitnas.cost`)
+    batchnorm_folded: bool
+
     def check(self, cfg: "BackboneConfig") -> None:
         """Raise ConfigError (with the field path) for a section this family cannot build."""
 

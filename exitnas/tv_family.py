@@ -208,6 +208,8 @@ def _weights_enum(model: str, spec: str):
 class TorchvisionFamily:
     """``family: torchvision`` (module docs)."""
 
+    batchnorm_folded = True  # torchvision's published GFLOPS count no BatchNorm (exitnas.cost)
+
     def check(self, cfg) -> None:
         for name in ("block", "stages", "final_channels"):
             if getattr(cfg, name) is not None:

@@ -167,3 +167,120 @@ def test_cost_cli_rejects_arch_outside_space(capsys):
     assert main(["cost", str(SPACES / "resnet_cifar.yaml"), "--arch",
                  "d6.3.3~none~max_softmax="]) == 2
     assert "depth 6 of stage 0" in capsys.readouterr().err
+
+
+# ---- rules for what torchvision's models add (exitnas.cost's module docs) ------------------
+def _tv_space(name: str, size: int):
+    return parse_space({"name": name, "num_classes": 1000, "input": {"channels": 3, "size": size},
+                        "backbone": {"family": "torchvision", "model": name},
+                        "exits": {"heads": ["linear"]}})
+
+
+def test_activations_and_eval_identities_are_free():
+    """hardswish, SiLU, GELU, dropout and stochastic depth (a module in train mode: counting
+    is in eval mode, where it returns its input) add nothing to a convolution's count."""
+    from torchvision.ops import StochasticDepth
+
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    want = 8 * 8 * 9 * 4 * 4
+    for extra in (torch.nn.Hardswish(), torch.nn.SiLU(inplace=True), torch.nn.GELU(),
+                  torch.nn.Dropout(0.5, inplace=True), StochasticDepth(0.5, "row")):
+        module = torch.nn.Sequential(conv, extra).train()
+        assert count_macs(module, (8, 4, 4)) == want, extra
+        assert module.training  # count_macs puts the mode back
+
+
+@pytest.mark.parametrize("module", [torch.nn.Softplus(), torch.nn.Hardshrink()],
+                         ids=["softplus", "hardshrink"])
+def test_unknown_ops_still_raise(module):
+    """Ops without a rule are refused, not counted 0: the free ops are matched by exact name
+    (hardshrink is not hardswish)."""
+    with pytest.raises(RuntimeError, match=r"fvcore cannot count ops \['aten::(softplus|hardshrink)"):
+        count_macs(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), module), (4, 4, 4))
+
+
+def test_squeeze_excitation_with_hardsigmoid_by_hand():
+    """MobileNetV3's squeeze-excitation on 16x4x4: pool (per input element), two 1x1 convs on
+    1x1, the hardsigmoid gate (per output element, as sigmoid), the scaling multiply."""
+    from torchvision.ops import SqueezeExcitation
+
+    se = SqueezeExcitation(16, 8, scale_activation=torch.nn.Hardsigmoid)
+    assert count_macs(se, (16, 4, 4)) == 16 * 16 + 16 * 8 + 8 * 16 + 16 + 16 * 16
+
+
+def test_convnext_block_by_hand():
+    """ConvNeXt's block on 8x4x4: depthwise 7x7, permutes (free), LayerNorm (fvcore: 5 per
+    element), Linear 8->32 and 32->8 per pixel, GELU (free), layer scale and residual add (1
+    per element each), stochastic depth (free in eval mode)."""
+    from torchvision.models.convnext import CNBlock
+
+    c, hw = 8, 16
+    block = CNBlock(c, layer_scale=1e-6, stochastic_depth_prob=0.5)
+    assert count_macs(block, (c, 4, 4)) == (c * 49 * hw + 5 * c * hw + 2 * hw * c * 4 * c
+                                            + c * hw + c * hw)
+
+
+def test_folded_batchnorm_is_only_the_one_after_a_convolution():
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    bn = torch.nn.BatchNorm2d(8)
+    conv_macs, bn_macs = 8 * 3 * 9 * 8 * 8, 2 * 8 * 8 * 8
+    assert count_macs(torch.nn.Sequential(conv, bn), (3, 8, 8)) == conv_macs + bn_macs
+    assert count_macs(torch.nn.Sequential(conv, bn), (3, 8, 8), fold_batchnorm=True) == conv_macs
+    # after a ReLU there is no convolution to fold it into: counted
+    after_relu = torch.nn.Sequential(conv, torch.nn.ReLU(), bn)
+    assert count_macs(after_relu, (3, 8, 8), fold_batchnorm=True) == conv_macs + bn_macs
+
+
+def test_torchvision_family_folds_batchnorm_and_resnet_family_does_not():
+    """The same ResNet-18 as exitnas's ``resnet`` family and as ``torchvision``'s: the tables
+    differ by exactly the BatchNorm MACs fvcore counts in torchvision's model."""
+    import warnings
+
+    from torchvision import models
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+    ours = _resnet18_space().with_overrides({"input.size": 64})
+    analysis = FlopCountAnalysis(models.resnet18().eval(), torch.zeros(1, 3, 64, 64))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    bn = analysis.by_operator()["batch_norm"]
+    assert bn > 0
+    assert cost_table(_tv_space("resnet18", 64)).backbone() == cost_table(ours).backbone() - bn
+
+
+def _listed(default: tuple[str, ...]):
+    """issue 14's models; the ones not in ``default`` run with the slow suite."""
+    from test_tv_family import LISTED
+
+    return [n if n in default else pytest.param(n, marks=pytest.mark.slow) for n in LISTED]
+
+
+FAST_TV = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+           "regnet_y_400mf", "convnext_tiny")  # every op rule above, ~1 s each
+
+
+@pytest.mark.parametrize("name", _listed(FAST_TV))
+def test_table_sums_to_the_whole_torchvision_model(name):
+    """Per-segment counting loses and doubles nothing: the table's plain backbone equals one
+    count of the whole torchvision model with the same rules (64 px)."""
+    from torchvision import models
+
+    space = _tv_space(name, 64)
+    model = models.get_model(name, weights=None)
+    assert cost_table(space).backbone() == count_macs(model, (3, 64, 64), fold_batchnorm=True)
+
+
+@pytest.mark.parametrize("name", _listed(FAST_TV))
+def test_macs_within_1_5_percent_of_torchvision_published(name):
+    """torchvision's ``_ops`` (its "GFLOPS" are GMACs of convolutions and linear layers),
+    measured at the DEFAULT weights' evaluation crop (224 px; EfficientNet-B1/B2/B3: 240, 288,
+    300 px)."""
+    from torchvision import models
+
+    weights = models.get_model_weights(name).DEFAULT
+    size = weights.transforms().crop_size[0]
+    macs = cost_table(_tv_space(name, size)).backbone()
+    published = weights.meta["_ops"] * 1e9
+    assert abs(macs - published) / published <= 0.015, (size, macs, published)
