@@ -183,6 +183,12 @@ def build_cost_table(net: nn.Module) -> CostTable:
     return CostTable(stem=stem, blocks=blocks, heads=heads, final=final)
 
 
+def backbone_params(net: nn.Module) -> int:
+    """Parameters of a supernet's backbone: stem, blocks and final head, no exit heads (for a
+    torchvision family, the torchvision model's own count)."""
+    return sum(p.numel() for m in (net.stem, net.stages, net.final) for p in m.parameters())
+
+
 @lru_cache(maxsize=8)
 def cost_table(space: Space) -> CostTable:
     """The cost table of ``space`` (weights do not change MACs, so a fresh supernet is used)."""

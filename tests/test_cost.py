@@ -158,6 +158,9 @@ def test_cost_cli_json(capsys):
     data = json.loads(capsys.readouterr().out)
     table = cost_table(load_space(path))
     assert data["backbone_macs"] == table.backbone()
+    net = Supernet(load_space(path))
+    assert data["backbone_params"] == sum(p.numel() for k, p in net.named_parameters()
+                                          if not k.startswith("heads."))
     assert [e["macs"] for e in data["exits"]] == table.exit_costs(Arch.from_id(arch))
     assert [(e["position"], e["head"]) for e in data["exits"]] == [
         ("s0b2", "sdn_pool"), ("s1b1", "conv"), ("final", "linear")]
@@ -284,3 +287,29 @@ def test_macs_within_1_5_percent_of_torchvision_published(name):
     macs = cost_table(_tv_space(name, size)).backbone()
     published = weights.meta["_ops"] * 1e9
     assert abs(macs - published) / published <= 0.015, (size, macs, published)
+
+
+def test_cost_cli_json_torchvision(tmp_path, capsys):
+    """``exitnas cost FILE --format json`` for a torchvision space with ``backbone.weights``:
+    torchvision's parameter count and the table's MACs; the table format keeps its lines and
+    adds the parameter count."""
+    import yaml
+    from torchvision import models
+
+    spec = {"name": "tv", "num_classes": 10, "input": {"channels": 3, "size": 64},
+            "backbone": {"family": "torchvision", "model": "mobilenet_v3_small",
+                         "weights": str(tmp_path / "w.pth")}, "exits": {"heads": ["linear"]}}
+    model = models.mobilenet_v3_small(num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["cost", str(path), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["backbone_params"] == sum(p.numel() for p in model.parameters()) == 1_528_106
+    assert data["backbone_macs"] == cost_table(load_space(path)).backbone()
+    assert data["backbone_macs"] == count_macs(model, (3, 64, 64), fold_batchnorm=True)
+    assert [e["position"] for e in data["exits"]] == ["final"]
+    assert main(["cost", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"plain backbone: {data['backbone_macs']:,} MACs (fvcore, batch 1)"
+    assert lines[2] == "backbone parameters: 1,528,106 (stem, blocks, final head; no exit heads)"

@@ -5,7 +5,7 @@ import json
 
 from . import command
 from ..arch import Arch
-from ..cost import cost_table
+from ..cost import backbone_params, build_cost_table
 from ..space import load_space
 
 
@@ -26,7 +26,8 @@ class SpaceCheck:
               f"<= {space.exits.max_exits} exits, policies {', '.join(space.policy.names)}")
 
 
-@command("cost", help="per-exit MACs (fvcore, batch 1) of an arch or of the plain backbone")
+@command("cost", help="per-exit MACs (fvcore, batch 1) of an arch or of the plain backbone, "
+                      "and the backbone's parameter count")
 class Cost:
     @staticmethod
     def add_arguments(p):
@@ -42,8 +43,11 @@ class Cost:
             arch = parsed.validate(space)
         else:  # the plain backbone: no early exit
             arch = Arch(depths=space.max_depths, exits=())
-        table = cost_table(space)
-        backbone = table.backbone()
+        from ..supernet import Supernet
+
+        net = Supernet(space, pretrained=False)  # weights change no count: not loaded
+        table = build_cost_table(net)
+        backbone, params = table.backbone(), backbone_params(net)
         costs = table.exit_costs(arch)
         exits = [{"position": f"s{e.stage}b{e.block}", "head": e.head, "macs": c,
                   "relative": c / backbone} for e, c in zip(arch.exits, costs)]
@@ -51,11 +55,13 @@ class Cost:
                       "relative": costs[-1] / backbone})
         if args.format == "json":
             print(json.dumps({"space": space.name, "arch": arch.id, "backbone_macs": backbone,
+                              "backbone_params": params,
                               "input": [space.input.channels, space.input.size, space.input.size],
                               "exits": exits}, indent=2))
             return
         print(f"space {space.name}  arch {arch.id}")
         print(f"plain backbone: {backbone:,} MACs (fvcore, batch 1)")
+        print(f"backbone parameters: {params:,} (stem, blocks, final head; no exit heads)")
         print(f"{'exit':<10}{'head':<12}{'C_k MACs':>16}{'relative':>10}")
         for e in exits:
             print(f"{e['position']:<10}{e['head']:<12}{e['macs']:>16,}{e['relative']:>10.3f}")
