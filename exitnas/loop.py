@@ -127,7 +127,7 @@ def run_epoch(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: 
 @torch.no_grad()
 def accuracy(net: nn.Module, data, splits: Splits, *, depths=None, batch_size: int,
              device: torch.device) -> list[float]:
-    """Accuracy of every exit over ``data`` (a TensorSet): a Supernet at ``depths`` (every
+    """Accuracy of every exit over ``data`` (an ImageSet): a Supernet at ``depths`` (every
     candidate exit) or a MultiExitModel (its exits)."""
     correct, n = None, 0
     for x, y in batches(data, batch_size=batch_size, mean=splits.mean, std=splits.std):

@@ -265,12 +265,15 @@ def _pipeline(root: Path, work: Path, workers: int) -> dict:
     from exitnas.arch import Arch
     from exitnas.evaluate import load_or_build_cache
     from exitnas.export import export_run
+    from exitnas.finetune import finetune
     from exitnas.report import write_report
+    from exitnas.retrain import retrain
     from exitnas.rundir import RunDir
     from exitnas.supernet import Supernet
     from exitnas.train import train_supernet
 
-    space = _space(root, **{"data.num_workers": workers, "supernet.epochs": 2})
+    space = _space(root, **{"data.num_workers": workers, "supernet.epochs": 2,
+                            "retrain.epochs": 1})
     run = RunDir(work / f"run{workers}")
     run.init(space)
     result = train_supernet(run, space, log=None)
@@ -282,16 +285,20 @@ def _pipeline(root: Path, work: Path, workers: int) -> dict:
     out = export_run(run, arch, run.path / "export" / "a", onnx=False).out
     x, y = next(batches(s.test, batch_size=15, mean=s.mean, std=s.std))
     pred = runtime.load(out).predict(x.numpy())
+    tuned = finetune(run, arch, space=space, regime="mixed", log=None)
+    retrained = retrain(run, arch, space=space, regime="joint", log=None)
     report = write_report(run)
     return {"weights": load_file(str(result.weights)), "conf": cache.conf, "pred": cache.pred,
             "test_labels": test_cache.labels, "y": y, "runtime": pred, "report": report,
-            "history": result.history}
+            "history": result.history, "tuned": tuned, "retrained": retrained}
 
 
-def test_supernet_cache_export_and_report_run_on_streamed_data(folder, tmp_path):
+def test_supernet_cache_export_finetune_retrain_and_report_run_on_streamed_data(folder,
+                                                                              tmp_path):
     """Supernet training (2 epochs, BN calibration each epoch), the val and test caches, an
-    export and the report run on the streaming path with 0 and with 2 workers, and give the
-    same weights and cached logits either way; the export predicts with early exit."""
+    export, a fine-tune, a retrain and the report run on the streaming path with 0 and with 2
+    workers, and give the same weights and cached logits either way; the export predicts with
+    early exit; the report scores all three models on val and test."""
     torch.set_num_threads(1)
     a, b = _pipeline(folder, tmp_path, 0), _pipeline(folder, tmp_path, 2)
     assert len(a["history"]) == 2 and a["weights"].keys() == b["weights"].keys()
@@ -300,4 +307,9 @@ def test_supernet_cache_export_and_report_run_on_streamed_data(folder, tmp_path)
     assert a["conf"].shape[1] == 6 and torch.equal(a["test_labels"], a["y"])
     for r in (a, b):
         assert len(r["runtime"].pred) == 15 and set(r["runtime"].exit.tolist()) <= {0, 1, 2}
-        assert len(r["report"].models) == 1 and (r["report"].folder / "report.md").is_file()
+        assert len(r["report"].models) == 3 and (r["report"].folder / "report.md").is_file()
+        assert len(r["tuned"].history) == 1 and len(r["retrained"].history) == 1
+    for key in ("tuned", "retrained"):  # the same losses and accuracies, row by row
+        rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in r[key].history]
+                for r in (a, b)]
+        assert rows[0] == rows[1]
