@@ -37,8 +37,8 @@ def calibration_batches(space: Space, splits, *, device: torch.device | None = N
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The (images, labels) batches every BatchNorm re-estimation uses: the first
     ``supernet.bn_calib_batches`` train batches of ``data.batch_size`` images, shuffled with
-    ``supernet.seed``, not augmented (the evaluation view); on ``device`` when given. A fresh iterator per call,
-    the same batches every time."""
+    ``supernet.seed``, not augmented (the evaluation view); on ``device`` when given. A fresh
+    iterator per call, the same batches every time."""
     from .data import batches
 
     train = batches(splits.train, batch_size=space.data.batch_size, mean=splits.mean,
