@@ -71,7 +71,7 @@ EXTRA_HANDLES = {
 # Ops that cost nothing (module docs): activations and eval-mode identities that fvcore does not
 # already ignore, by exact name.
 FREE_OPS = frozenset({"aten::hardswish", "aten::hardswish_", "aten::silu", "aten::silu_",
-                      "aten::gelu", "aten::gelu_", "aten::dropout_"})
+                      "aten::gelu", "aten::dropout_"})
 
 
 def _batch_norm_folded(inputs, outputs) -> int:
