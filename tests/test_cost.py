@@ -198,7 +198,8 @@ def test_activations_and_eval_identities_are_free():
 def test_unknown_ops_still_raise(module):
     """Ops without a rule are refused, not counted 0: the free ops are matched by exact name
     (hardshrink is not hardswish)."""
-    with pytest.raises(RuntimeError, match=r"fvcore cannot count ops \['aten::(softplus|hardshrink)"):
+    with pytest.raises(RuntimeError,
+                       match=r"fvcore cannot count ops \['aten::(softplus|hardshrink)"):
         count_macs(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), module), (4, 4, 4))
 
 

@@ -147,8 +147,10 @@ def test_state_dict_with_other_classes_is_refused_naming_the_shape(tmp_path):
 
 @pytest.mark.parametrize("name, depths, message", [
     # resnet50's layer1[0] has a projection shortcut (and opens the stage): it always runs
-    ("resnet50", [[0, 3], [4], [6], [3]], r"backbone\.stage_depths\[0\]: depth 0 is outside 1\.\.3"),
-    ("resnet50", [[3], [4], [6], [2, 4]], r"backbone\.stage_depths\[3\]: depth 4 is outside 1\.\.3"),
+    ("resnet50", [[0, 3], [4], [6], [3]],
+     r"backbone\.stage_depths\[0\]: depth 0 is outside 1\.\.3"),
+    ("resnet50", [[3], [4], [6], [2, 4]],
+     r"backbone\.stage_depths\[3\]: depth 4 is outside 1\.\.3"),
     # mobilenet_v2 features[2] (24 channels, stride 2) has no shortcut: it opens stage 1
     ("mobilenet_v2", [[1], [0, 2], [3], [4], [3], [3], [1]],
      r"backbone\.stage_depths\[1\]: depth 0 is outside 1\.\.2"),
