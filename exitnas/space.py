@@ -356,7 +356,18 @@ class Space:
 
         core = {k: to_dict(getattr(self, k)) for k in ("num_classes", "input", "backbone", "exits")}
         del core["backbone"]["weights"]  # where trained weights come from is not the network
+        for (section, key), default in ADDED_SINCE_V1.items():
+            if core[section][key] == default:  # the network every older space file meant
+                del core[section][key]
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Network-defining keys added after run directories existed, with the value every older file
+# meant: at that value they stay out of the fingerprint, so those runs still resume. (Older
+# heads were uncapped: they differ from head_width 256 only on features wider than 256
+# channels, where old weights then fail to load with a one-line shape error.)
+ADDED_SINCE_V1 = {("backbone", "model"): None, ("backbone", "stage_depths"): None,
+                  ("exits", "head_width"): 256}
 
 
 def parse_space(data: object, *, file: str | None = None) -> Space:

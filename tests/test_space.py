@@ -99,3 +99,15 @@ def test_scientific_notation_is_a_number(tiny_space_file, tmp_path):
     assert space.supernet.optim.weight_decay == 5e-4
     with pytest.raises(ConfigError, match="expected a number, got str 'fast'"):
         load_space(tiny_space_file, {"supernet.optim.lr": "fast"})
+
+
+@pytest.mark.parametrize("name, fingerprint", [("quickstart", "252c1d441176ed51"),
+                                               ("resnet_cifar", "5a6c79980861fbd1"),
+                                               ("mobilenetv2_cifar", "7a6cb4593a0c69eb")])
+def test_fingerprints_survive_keys_added_later(name, fingerprint):
+    """The shipped spaces keep the fingerprints they had before backbone.model /
+    stage_depths and exits.head_width existed (measured with commit 8bbdb04), so run
+    directories and checkpoints made then still resume; setting a new key changes it."""
+    space = load_space(SPACES / f"{name}.yaml")
+    assert space.fingerprint == fingerprint
+    assert space.with_overrides({"exits.head_width": 32}).fingerprint != fingerprint
