@@ -118,9 +118,10 @@ def namespaces_work() -> bool:
     return r.returncode == 0
 
 
-def scenario(name: str, run: Path, trials: int, timeout: float = 900, check: bool = True) -> dict:
-    """Run tests/search_ray_scenario.py NAME in a loopback-only network namespace with its own
-    PID namespace; returns what it wrote."""
+def scenario(name: str, run: Path, trials: int, timeout: float = 900, check: bool = True,
+             script: Path = RAY_SCENARIO) -> dict:
+    """Run ``script`` (tests/search_ray_scenario.py) NAME in a loopback-only network namespace
+    with its own PID namespace; returns what it wrote."""
     out = run.parent / f"{name}.json"
     # a short private RAY_TMPDIR: Ray's socket paths must stay under 107 characters, and no
     # session directory is shared with other Ray users of this machine
@@ -129,7 +130,7 @@ def scenario(name: str, run: Path, trials: int, timeout: float = 900, check: boo
     try:
         r = subprocess.run(
             ["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
-             'ip link set lo up && exec "$0" "$@"', sys.executable, str(RAY_SCENARIO), name,
+             'ip link set lo up && exec "$0" "$@"', sys.executable, str(script), name,
              str(run), str(out), str(trials)], capture_output=True, text=True, env=env,
             timeout=timeout)
     finally:

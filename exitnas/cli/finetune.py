@@ -1,9 +1,12 @@
 """``exitnas finetune RUN --arch ID --regime R --epochs N``: continue a searched arch from its
 inherited supernet weights, then re-fit its thresholds (see :mod:`exitnas.finetune`). Resumes
-like ``retrain``: rerunning continues from the last checkpoint, or does nothing when done."""
+like ``retrain``: rerunning continues from the last checkpoint, or does nothing when done.
+Runs alone, under torchrun, or on Ray Train workers with ``--backend ray``
+(:mod:`exitnas.ray_train`)."""
 from __future__ import annotations
 
 from . import add_set_argument, command, parse_sets
+from .train import add_backend_arguments, run_training
 
 
 @command("finetune", help="fine-tune an arch from its inherited supernet weights and re-fit "
@@ -25,27 +28,31 @@ class Finetune:
                        help="continue from the last checkpoint; error if there is none")
         g.add_argument("--restart", action="store_true",
                        help="ignore any checkpoint and fine-tune from the inherited weights")
+        add_backend_arguments(p)
 
     @staticmethod
     def run(args):
         from ..arch import Arch
-        from ..finetune import finetune
+        from ..finetune import finetune, finetune_dir
         from ..rundir import RunDir
-        from ..train import distributed
 
         run_dir = RunDir(args.run_dir)
         space = run_dir.space(parse_sets(args.set))
         arch = Arch.parse(args.arch)
-        with distributed() as dist:
-            result = finetune(run_dir, arch, space=space, regime=args.regime,
-                              epochs=args.epochs, dist=dist, resume=args.resume,
-                              restart=args.restart)
-            if dist.is_main:
-                val, inh = result.manifest["val"], result.manifest["inherited"]
-                print(f"fine-tuned ({result.regime}, {result.manifest['epochs']} epochs): "
-                      f"{result.arch.id}\n"
-                      f"val acc {val['accuracy']:.4f} at {val['expected_macs']:,.0f} MACs "
-                      f"(inherited {inh['accuracy']:.4f} at {inh['expected_macs']:,.0f})\n"
-                      f"outputs: {result.out}/{{model.safetensors,arch.json,metrics.csv}}\n"
-                      f"next: exitnas export {args.run_dir} --arch {result.out}/arch.json "
-                      f"--weights {result.out}/model.safetensors")
+
+        def job(dist, *, resume: bool, restart: bool):
+            return finetune(run_dir, arch, space=space, regime=args.regime, epochs=args.epochs,
+                            dist=dist, resume=resume, restart=restart)
+
+        def describe(result) -> str:
+            val, inh = result.manifest["val"], result.manifest["inherited"]
+            return (f"fine-tuned ({result.regime}, {result.manifest['epochs']} epochs): "
+                    f"{result.arch.id}\n"
+                    f"val acc {val['accuracy']:.4f} at {val['expected_macs']:,.0f} MACs "
+                    f"(inherited {inh['accuracy']:.4f} at {inh['expected_macs']:,.0f})\n"
+                    f"outputs: {result.out}/{{model.safetensors,arch.json,metrics.csv}}\n"
+                    f"next: exitnas export {args.run_dir} --arch {result.out}/arch.json "
+                    f"--weights {result.out}/model.safetensors")
+
+        run_training(args, job, describe, name="finetune",
+                     checkpoint=finetune_dir(run_dir, arch, args.regime) / "checkpoint.pt")

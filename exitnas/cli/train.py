@@ -6,7 +6,9 @@ checkpoint, or does nothing when the step has finished. A checkpoint made for an
 arch or regime, or with other settings, is refused with one line naming what differs; nothing
 is overwritten. ``--resume`` insists on continuing (error if there is no checkpoint yet);
 ``--restart`` trains from scratch, replacing the old outputs as new epochs finish.
-Both run under ``torchrun --nproc_per_node N`` (DistributedDataParallel; gloo on CPU, NCCL on GPU).
+Both run under ``torchrun --nproc_per_node N`` (DistributedDataParallel; gloo on CPU, NCCL on GPU),
+and train-backbone / train-supernet (like finetune) on Ray Train workers with ``--backend ray``
+(:mod:`exitnas.ray_train`).
 """
 from __future__ import annotations
 
@@ -25,26 +27,65 @@ def _resume_flags(p: argparse.ArgumentParser) -> None:
                    help="ignore any checkpoint and train from scratch")
 
 
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: this process, or torchrun's processes (default); ray: Ray "
+                        "Train workers, one per device")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    p.add_argument("--workers", type=int, help="Ray Train workers, one per device (default 1)")
+
+
+def run_training(args, job, describe, *, name: str, checkpoint) -> None:
+    """Run ``job(dist, resume=, restart=)`` alone, under torchrun, or on Ray Train workers
+    (``--backend ray``); rank 0's ``describe(result)`` is printed. ``checkpoint``: the step's
+    checkpoint.pt."""
+    import os
+
+    if args.backend != "ray":
+        for flag in ("address", "workers"):
+            if getattr(args, flag) is not None:
+                raise ConfigError("only used with --backend ray", file=f"--{flag}")
+        from ..train import distributed
+
+        with distributed() as dist:
+            result = job(dist, resume=args.resume, restart=args.restart)
+            if dist.is_main:
+                print(describe(result))
+        return
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"{args.workers} is not >= 1", file="--workers")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("Ray Train starts its own workers: run it without torchrun",
+                          file="--backend ray")
+    from ..ray_train import run_step
+
+    print(run_step(name=name, train=job, describe=describe, checkpoint=checkpoint,
+                   resume=args.resume, restart=args.restart, address=args.address,
+                   workers=args.workers or 1))
+
+
 def _stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="search-space YAML")
     p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
     add_set_argument(p)
     _resume_flags(p)
+    add_backend_arguments(p)
 
 
-def _train_stage(args, train, describe) -> None:
-    """Run ``train(run_dir, space, ...)`` under torchrun or alone; rank 0 prints
-    ``describe(result)``."""
+def _train_stage(args, train, describe, step: str) -> None:
+    """Run ``train(run_dir, space, ...)`` alone, under torchrun or on Ray Train (step
+    ``step``: outputs in RUN/<step>/); rank 0 prints ``describe(result)``."""
     from ..rundir import RunDir
     from ..space import load_space
-    from ..train import distributed
 
     space = load_space(args.config, parse_sets(args.set))
-    with distributed() as dist:
-        result = train(RunDir(args.run_dir), space, dist=dist, resume=args.resume,
-                       restart=args.restart)
-        if dist.is_main:
-            print(describe(result))
+    run_dir = RunDir(args.run_dir)
+
+    def job(dist, *, resume: bool, restart: bool):
+        return train(run_dir, space, dist=dist, resume=resume, restart=restart)
+
+    run_training(args, job, describe, name=step,
+                 checkpoint=run_dir.path / step / "checkpoint.pt")
 
 
 @command("train-backbone", help="train the full-depth backbone with its final exit (stage 0)")
@@ -61,7 +102,7 @@ class TrainBackbone:
                     f"{result.metrics}\nnext: exitnas train-supernet {args.config} --run-dir "
                     f"{args.run_dir}")
 
-        _train_stage(args, train_backbone, describe)
+        _train_stage(args, train_backbone, describe, "backbone")
 
 
 @command("train-supernet", help="train the weight-sharing supernet of a search space")
@@ -75,7 +116,7 @@ class TrainSupernet:
         _train_stage(args, train_supernet, lambda result: (
             f"supernet weights: {result.weights}\nmetrics: {result.metrics}\n"
             f"next: exitnas search {args.run_dir}   (or exitnas finetune {args.run_dir} "
-            "--arch ID --regime mixed)"))
+            "--arch ID --regime mixed)"), "supernet")
 
 
 @command("retrain", help="retrain an arch from scratch as a standalone model with a training "

@@ -232,11 +232,11 @@ class _DefineByRun:
 
 
 # ---- the driver ------------------------------------------------------------------------------
-def _init_ray(address: str | None, workers: int, log) -> None:
+def _init_ray(address: str | None, workers: int, log, *, log_to_driver: bool = False) -> None:
     ray = _ray()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    kwargs = dict(include_dashboard=False, log_to_driver=log_to_driver, logging_level="ERROR")
     if not address:  # a private local instance, even if a cluster runs on this machine
         ray.init(address="local", num_cpus=workers, **local_ray_init_kwargs(), **kwargs)
         return
