@@ -53,6 +53,13 @@ class ImageSet:
         return int(self.labels.numel())
 
     @property
+    def view(self) -> dict:
+        """How an image file becomes an evaluation input of this set (the export's
+        ``input.view``, which the runtime applies): ``{"resize": "square"}``, every image
+        resized to size x size (Pillow, bilinear), as the in-memory decoders do."""
+        return {"resize": "square"}
+
+    @property
     def shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 

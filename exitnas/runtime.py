@@ -517,6 +517,7 @@ class Predictor:
         self.input_shape = tuple(inp["shape"])
         self._mean = np.asarray(inp["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
         self._std = np.asarray(inp["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        self.view = check_view(inp.get("view", {"resize": "square"}), self.input_shape[1])
         self.set_policy(manifest["policy"]["name"], manifest["policy"]["thresholds"])
 
     def set_policy(self, policy: str, thresholds) -> None:
@@ -625,17 +626,51 @@ def load(root, backend: str = "pt2", *, threads: int | None = None, check: bool 
                           f"{str(err)[:120]})") from None
 
 
-def read_image(path, channels: int, size: int) -> np.ndarray:
-    """One image file -> uint8 [C, size, size], converted and resized as exitnas.data does
-    (Pillow, bilinear)."""
+def check_view(view, size: int) -> dict:
+    """arch.json's ``input.view`` (how a file becomes an input), checked by allowlist:
+    ``{"resize": "square"}`` or ``{"resize": "shorter_side", "shorter": S, "crop": size}``
+    with ``size <= S <= 16 * size``."""
+    if view == {"resize": "square"}:
+        return view
+    ok = (isinstance(view, dict) and set(view) == {"resize", "shorter", "crop"}
+          and view["resize"] == "shorter_side" and view["crop"] == size
+          and type(view["shorter"]) is int and size <= view["shorter"] <= 16 * size)
+    if not ok:
+        raise ExportError(f"arch.json: input.view {str(view)[:120]!r} is not one this runtime "
+                          "knows (square, or shorter_side with crop = the input size)")
+    return view
+
+
+def _apply_view(im, size: int, view: dict):
+    """The evaluation view of exitnas's data pipeline, with Pillow only: square resize, or
+    torchvision's ``Resize(shorter)`` (shorter side to S, the other int(S * long / short)) then
+    ``CenterCrop(size)`` (offsets int(round((side - size) / 2))). Bilinear, as torchvision
+    on PIL images."""
+    from PIL import Image
+
+    if view["resize"] == "square":
+        return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
+    w, h = im.size
+    s = view["shorter"]
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(s * long / short)
+    new = (s, new_long) if w <= h else (new_long, s)
+    if new != (w, h):
+        im = im.resize(new, Image.BILINEAR)
+    w, h = im.size  # both >= shorter >= size (check_view): the crop never pads
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def read_image(path, channels: int, size: int, view: dict | None = None) -> np.ndarray:
+    """One image file -> uint8 [C, size, size]: converted, then the export's evaluation view
+    (``input.view``; default square resize), exactly as exitnas.data read it for evaluation."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.asarray(_apply_view(im, size, view or {"resize": "square"}), dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as err:
         raise ExportError(f"{path}: not a readable image ({err})") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)

@@ -101,6 +101,12 @@ class FolderSet(ImageSet):
     def shape(self) -> tuple[int, ...]:
         return (self.channels, self.size, self.size)
 
+    @property
+    def view(self) -> dict:
+        """The evaluation view: shorter side to ``round(size / 0.875)``, centre crop."""
+        return {"resize": "shorter_side", "shorter": round(self.size / EVAL_CROP),
+                "crop": self.size}
+
     def paths(self) -> list[Path]:
         """The files, in index order."""
         return [Path(self.folder, os.fsdecode(n)) for n in self.names]

@@ -82,7 +82,7 @@ class Predict:
         for start in range(0, len(items), args.batch_size):
             chunk = items[start:start + args.batch_size]
             try:
-                images = np.stack([read_image(p, c, size) for p, _ in chunk])
+                images = np.stack([read_image(p, c, size, predictor.view) for p, _ in chunk])
             except ExportError as err:
                 raise DataError(str(err)) from None
             res = predictor.predict(predictor.preprocess(images))
