@@ -146,6 +146,9 @@ class StagedFamily:
     def weights_file(self, cfg) -> None:
         return None  # backbone.weights is a path
 
+    def weights_meta(self, cfg) -> dict:
+        return {}  # a safetensors file of exitnas's own names says nothing more
+
     def structure(self, cfg, input_channels: int) -> Structure:
         width = BLOCKS.get(cfg.block).out_channels
         return Structure(

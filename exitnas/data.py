@@ -349,7 +349,8 @@ def load_splits(space: Space) -> Splits:
     val, train = train.subset(perm[:n_val]), train.subset(perm[n_val:])
     if len(train) == 0:
         raise DataError(f"data: no training images left after holding out val ({n_val})")
-    mean, std = cfg.mean, cfg.std
+    known = space.family.weights_meta(space.backbone)  # the normalisation weights were made with
+    mean, std = cfg.mean or known.get("mean"), cfg.std or known.get("std")
     if mean is None or std is None:
         measured = train.stats()
         mean, std = mean or measured[0], std or measured[1]

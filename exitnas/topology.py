@@ -102,6 +102,11 @@ class Family(Protocol):
     def build(self, space: "Space") -> Topology:
         """The backbone of ``space`` with freshly initialised weights."""
 
+    def weights_meta(self, cfg: "BackboneConfig") -> dict:
+        """What is known about ``backbone.weights``: ``mean`` / ``std`` (the normalisation they
+        were trained with; the default of data.mean / std), ``categories`` (class names),
+        ``source``; empty when nothing is."""
+
     def weights_file(self, cfg: "BackboneConfig") -> Path | None:
         """The local file for a ``backbone.weights`` value this family resolves itself (a
         download, a cache), or None: the value is a path."""

@@ -236,6 +236,16 @@ class TorchvisionFamily:
                               path="input.channels")
         return describe(cfg.model)
 
+    def weights_meta(self, cfg) -> dict:
+        """For ``torchvision:ENUM``: the weights' evaluation normalisation and class names."""
+        spec = cfg.weights or ""
+        if not spec.startswith(WEIGHTS_PREFIX):
+            return {}
+        weights = _weights_enum(cfg.model, spec)
+        view = weights.transforms()
+        return {"source": spec, "mean": tuple(view.mean), "std": tuple(view.std),
+                "categories": list(weights.meta.get("categories") or [])}
+
     def weights_file(self, cfg) -> Path | None:
         """``torchvision:ENUM`` -> torchvision's download cache (``TORCH_HOME``), fetched with
         its hash check when absent; a path -> None (used as it is)."""

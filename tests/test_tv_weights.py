@@ -69,3 +69,27 @@ def test_no_network_gives_one_line_saying_what_to_do(tmp_path):
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in lines[0]
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in lines[0]
     assert not (run / "supernet").exists()
+
+
+def test_enum_weights_bring_their_normalisation_and_class_names(tmp_path):
+    """Without data.mean / std the splits use the normalisation torchvision's weights were
+    trained with (not statistics of the user's images); data.mean / std still win; the
+    weights' class names are what the export records beside the dataset's."""
+    import yaml as _yaml
+
+    from exitnas.data import load_splits
+
+    path = _space(tmp_path, "torchvision:IMAGENET1K_V1")
+    spec = _yaml.safe_load(path.read_text())
+    spec["data"] = {"dataset": "synthetic", "synthetic_size": 2000}
+    path.write_text(_yaml.safe_dump(spec))
+    space = load_space(path)
+    meta = space.family.weights_meta(space.backbone)
+    assert meta["source"] == "torchvision:IMAGENET1K_V1"
+    assert len(meta["categories"]) == 1000 and meta["categories"][0] == "tench"
+    splits = load_splits(space)
+    assert splits.mean == (0.485, 0.456, 0.406) and splits.std == (0.229, 0.224, 0.225)
+    own = load_splits(space.with_overrides({"data.mean": [0.5, 0.5, 0.5]}))
+    assert own.mean == (0.5, 0.5, 0.5) and own.std == (0.229, 0.224, 0.225)
+    plain = load_splits(space.with_overrides({"backbone.weights": None}))
+    assert plain.mean != splits.mean  # measured on the images instead
