@@ -93,7 +93,7 @@ class FolderSet(ImageSet):
     @classmethod
     def of(cls, folder: str | Path, names: list[str], labels: list[int], *, channels: int,
            size: int, num_workers: int = 0) -> "FolderSet":
-        """From :func:`~exitnas.data.list_folder`'s listing."""
+        """From :func:`~exitnas.imagefolder.list_folder`'s listing."""
         return cls(str(folder), np.array([os.fsencode(n) for n in names]),
                    torch.tensor(labels, dtype=torch.int64), channels, size, num_workers)
 
