@@ -114,7 +114,8 @@ def main() -> None:
         f"# Search throughput, two commits side by side\n\n`{cmd}` — quickstart space, in-process "
         f"Optuna search, journal storage, {args.trials} trials per search, {args.rounds} rounds "
         f"(order alternating), 1 torch thread.\n\n{table}\n\nRatio new / old (median trials/s): "
-        f"**{ratio:.3f}**.\n\nMachine: {machine()}; code: {git_state()}; load average "
+        f"**{ratio:.3f}**.\n\nEach commit ran from its own git worktree (committed code "
+        f"only). Machine: {machine()}; benchmark script: {git_state(('benchmarks',))}; load average "
         f"before {load_before[0]:.2f}, after {load_after[0]:.2f}.\n")
     print(f"ratio new / old: {ratio:.3f}")
 

@@ -4,8 +4,9 @@
 
 Two spaces:
 - ``quickstart``: search_spaces/quickstart.yaml (scikit-learn digits 8x8; 18 depth settings,
-  7 exit positions x 4 heads, 3 policies; val = 216 images), its supernet trained by
-  ``exitnas train-supernet`` into runs/search-bench (done here if missing);
+  7 exit positions x 4 heads, 3 policies; val = 216 images), its backbone and supernet trained
+  by ``exitnas train-backbone`` / ``train-supernet`` into runs/search-bench (done here if
+  missing);
 - ``cifar10``: search_spaces/resnet_cifar.yaml with depths {3, 5} per stage (ResNet-20 ...
   ResNet-32, 8 depth settings, 14 positions x 4 heads, <= 6 exits) on the CIFAR-10 JPEG
   tarball (val = 5,000 images), a randomly initialised supernet (speed does not depend on the
@@ -29,12 +30,10 @@ Outputs (results/search/):
 - ``hypervolume.csv``: space, sampler, seed, trials, hypervolume, front_size (+ reference
   point) for NSGA-II and random search at equal trials (``--hv-trials``), ``--seeds`` seeds, on
   quickstart and on a trained CIFAR-10 supernet copied from runs/cifar10-bench when present.
-- ``sampler.csv`` / ``sampler_summary.csv``: Optuna's own NSGAIISampler against exitnas'
-  IndexedNSGAIISampler in the in-process loop (``run_inprocess``, thresholds fitted as
-  ``run_search`` does) at ``--sampler-trials`` (default 200, 500, 1,000) trials, each pair back
-  to back in one run (``--sampler-repeats`` pairs, alternating order), same seed and population,
-  same sampled architectures (checked); speedup = Optuna's seconds / exitnas' seconds.
-  ``--phases sampler`` runs only this comparison.
+- ``sampler.csv`` / ``sampler_summary.csv``: recorded at commit 402eba8 by this script's
+  former ``--phases sampler``: Optuna's NSGAIISampler against exitnas' IndexedNSGAIISampler
+  at 200 / 500 / 1,000 trials, pairs back to back; the indexed sampler was no faster, so it
+  was removed (``exitnas/search/_sampler.py``) and the phase with it.
 - ``README.md``: command, data, machine, tables.
 """
 from __future__ import annotations
@@ -58,17 +57,19 @@ OUT = ROOT / "results" / "search"
 SPACE = ROOT / "search_spaces" / "quickstart.yaml"
 
 from benchmarks.search_throughput_loop import (asktell_on_storage, breakdown,  # noqa: E402
-                                               inprocess, sampler_comparison, sampler_summary,
-                                               scaling)
+                                               inprocess, scaling)
 from benchmarks.search_throughput_readme import write_readme  # noqa: E402
 
 
 def ensure_run(run: Path) -> None:
-    if not (run / "supernet" / "weights.safetensors").is_file():
-        r = subprocess.run([sys.executable, "-m", "exitnas", "train-supernet", str(SPACE),
-                            "--run-dir", str(run)], env=dict(os.environ, OMP_NUM_THREADS="1"))
-        if r.returncode:
-            raise SystemExit("supernet training failed")
+    """The quickstart's stage-0 backbone and the supernet grown from it, as `exitnas run`
+    trains them."""
+    for step, out in (("train-backbone", "backbone"), ("train-supernet", "supernet")):
+        if not (run / out / "weights.safetensors").is_file():
+            r = subprocess.run([sys.executable, "-m", "exitnas", step, str(SPACE), "--run-dir",
+                                str(run)], env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if r.returncode:
+                raise SystemExit(f"{step} failed")
 
 
 def ensure_cifar_run(run: Path, data_root: Path) -> None:
@@ -238,8 +239,8 @@ def copy_trained_run(src: Path, dst: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phases", default="throughput,hv,sampler",
-                   help="comma-separated: throughput, hv, sampler")
+    p.add_argument("--phases", default="throughput,hv",
+                   help="comma-separated: throughput, hv")
     p.add_argument("--run", type=Path, default=ROOT / "runs" / "search-bench")
     p.add_argument("--cifar-run", type=Path, default=ROOT / "runs" / "search-bench-cifar")
     p.add_argument("--cifar-root", type=Path, default=ROOT / ".cache" / "cifar10-jpeg")
@@ -254,15 +255,12 @@ def main() -> None:
     p.add_argument("--rerun-archs", type=int, default=20)
     p.add_argument("--hv-trials", type=int, default=300)
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--sampler-trials", default="200,500,1000",
-                   help="trial counts at which the two NSGA-II samplers are compared")
-    p.add_argument("--sampler-repeats", type=int, default=3, help="pairs per trial count")
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--skip-cifar", action="store_true")
     args = p.parse_args()
     phases = set(args.phases.split(","))
-    if not phases <= {"throughput", "hv", "sampler"}:
-        p.error(f"--phases {args.phases!r}: expected throughput, hv and/or sampler")
+    if not phases <= {"throughput", "hv"}:
+        p.error(f"--phases {args.phases!r}: expected throughput and/or hv")
 
     import pandas as pd
     import torch
@@ -285,29 +283,8 @@ def main() -> None:
             run = copy_trained_run(args.hv_cifar_from, ROOT / "runs" / "search-bench-hv")
             hv += hypervolumes(run, "cifar10", args.hv_trials, args.seeds)
         pd.DataFrame(hv).to_csv(OUT / "hypervolume.csv", index=False, float_format="%.4f")
-    if "sampler" in phases:
-        loads["sampler"] = os.getloadavg()
-        samplers(args)
     (OUT / "load.json").write_text(json.dumps(loads))
     write_readme(args, loads)
-
-
-def samplers(args) -> None:
-    """Optuna's NSGAIISampler vs exitnas' IndexedNSGAIISampler at the default trial counts,
-    side by side (``sampler.csv`` per pair, ``sampler_summary.csv`` the ratios)."""
-    import pandas as pd
-
-    counts = [int(n) for n in args.sampler_trials.split(",")]
-    _, space, _, _, store = warm_caches(args.run)
-    rows = sampler_comparison("quickstart", space, store, counts, args.sampler_repeats)
-    if not args.skip_cifar:
-        ensure_cifar_run(args.cifar_run, args.cifar_root)
-        _, cspace, _, _, cstore = warm_caches(args.cifar_run)
-        rows += sampler_comparison("cifar10", cspace, cstore, counts, args.sampler_repeats)
-    pd.DataFrame(rows).to_csv(OUT / "sampler.csv", index=False, float_format="%.4f")
-    summary = pd.DataFrame(sampler_summary(rows))
-    summary.to_csv(OUT / "sampler_summary.csv", index=False, float_format="%.3f")
-    print(summary.to_string(index=False), flush=True)
 
 
 def throughput(args) -> None:

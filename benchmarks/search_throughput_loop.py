@@ -1,10 +1,8 @@
 """The in-process search loop of benchmarks/search_throughput.py, timed: ``run_search`` rows,
-plain ask/tell on a storage, a per-phase breakdown, the rate along one long study, and
-Optuna's NSGAIISampler against exitnas' IndexedNSGAIISampler side by side."""
+plain ask/tell on a storage, a per-phase breakdown and the rate along one long study."""
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -122,9 +120,8 @@ def _per_thousand(done: list, sampler: str) -> list[dict]:
 
 
 def scaling(run: Path, trials: int, stock_trials: int, store, space) -> list[dict]:
-    """Rate per 1,000 trials along one study: the default (``run_search``, exitnas'
-    IndexedNSGAIISampler) for ``trials``, and the same loop with Optuna's own NSGAIISampler
-    for ``stock_trials``."""
+    """Rate per 1,000 trials along one study: ``run_search``'s loop for ``trials``, and the
+    plain ask / tell loop with Optuna's NSGAIISampler for ``stock_trials``."""
     import optuna
 
     from exitnas.search._storage import parse_storage
@@ -133,7 +130,7 @@ def scaling(run: Path, trials: int, stock_trials: int, store, space) -> list[dic
     study = optuna.load_study(study_name="tp-scaling",
                               storage=parse_storage(str(run / "search" / "study.log")).open())
     out = _per_thousand(sorted(t.datetime_complete for t in study.get_trials()),
-                        "IndexedNSGAIISampler (exitnas)")
+                        "run_search (exitnas loop)")
     objective, genome, mirror, path = scratch_loop(
         space, store, optuna.samplers.NSGAIISampler(population_size=24, seed=0))
     study = mirror.study
@@ -145,72 +142,4 @@ def scaling(run: Path, trials: int, stock_trials: int, store, space) -> list[dic
     out += _per_thousand(sorted(t.datetime_complete for t in study.get_trials()),
                          "NSGAIISampler (Optuna 5.0)")
     shutil.rmtree(path.parent, ignore_errors=True)
-    return out
-
-
-
-def sampler_run(space, store, sampler, trials: int) -> tuple[float, list[str]]:
-    """``trials`` trials of the in-process backend's loop (``run_inprocess``: ask, suggest,
-    score with the space's threshold setting, tell in memory, one journal commit) on a
-    throw-away journal study with ``sampler``; (seconds, the arch ids in trial order)."""
-    from exitnas.search._inprocess import run_inprocess
-
-    study, lock, others_wrote, path = scratch_study()
-    objective, genome = scratch_objective(space, store, fitted=True)
-    t = time.perf_counter()
-    committed = run_inprocess(study=study, lock=lock, objective=objective, genome=genome,
-                              sampler=sampler, n_trials=trials, others_wrote=others_wrote,
-                              log=None)
-    seconds = time.perf_counter() - t
-    assert committed == trials, (committed, trials)
-    ids = [t.user_attrs["arch_id"] for t in study.get_trials(deepcopy=False)]
-    shutil.rmtree(path.parent, ignore_errors=True)
-    return seconds, ids
-
-
-SAMPLER_CLASSES = ("NSGAIISampler (Optuna)", "IndexedNSGAIISampler (exitnas)")
-
-
-def sampler_comparison(space_name: str, space, store, trial_counts, repeats: int) -> list[dict]:
-    """Optuna's own NSGAIISampler and exitnas' IndexedNSGAIISampler, side by side in one run:
-    for each trial count and repeat both run back to back (the order alternates between
-    repeats, so a drift in machine load hits both), same seed, same population (the space's
-    ``search.population_size``), fresh studies; each pair must sample the same architectures.
-    One row per (trials, repeat, sampler)."""
-    from optuna.samplers import NSGAIISampler
-
-    from exitnas.search._sampler import IndexedNSGAIISampler
-
-    population = space.search.population_size
-    rows = []
-    for trials in trial_counts:
-        for rep in range(repeats):
-            pair = list(zip(SAMPLER_CLASSES, (NSGAIISampler, IndexedNSGAIISampler)))
-            ids = {}
-            for label, cls in (pair if rep % 2 == 0 else pair[::-1]):
-                seconds, ids[label] = sampler_run(
-                    space, store, cls(population_size=population, seed=rep), trials)
-                rows.append({"space": space_name, "trials": trials, "repeat": rep,
-                             "sampler": label, "population": population, "seconds": seconds,
-                             "trials_per_s": trials / seconds})
-                print(rows[-1], flush=True)
-            assert ids[SAMPLER_CLASSES[0]] == ids[SAMPLER_CLASSES[1]], "samples differ"
-    return rows
-
-
-def sampler_summary(rows: list[dict]) -> list[dict]:
-    """Per space and trial count: each sampler's median seconds, and the speed-up of the
-    indexed sampler (Optuna's seconds / exitnas' seconds; > 1 = indexed faster) as the median
-    and the range over the repeats' pairs."""
-    out = []
-    for key in sorted({(r["space"], r["trials"]) for r in rows}):
-        mine = [r for r in rows if (r["space"], r["trials"]) == key]
-        stock = {r["repeat"]: r["seconds"] for r in mine if r["sampler"] == SAMPLER_CLASSES[0]}
-        indexed = {r["repeat"]: r["seconds"] for r in mine if r["sampler"] == SAMPLER_CLASSES[1]}
-        ratios = [stock[k] / indexed[k] for k in sorted(stock)]
-        out.append({"space": key[0], "trials": key[1], "repeats": len(ratios),
-                    "optuna_s": statistics.median(stock.values()),
-                    "indexed_s": statistics.median(indexed.values()),
-                    "speedup": statistics.median(ratios), "speedup_min": min(ratios),
-                    "speedup_max": max(ratios)})
     return out

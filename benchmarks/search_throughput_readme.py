@@ -45,9 +45,8 @@ Command (all defaults): `.venv/bin/python benchmarks/search_throughput.py` — i
 {args.trials} --sql-trials {args.sql_trials} --ray-trials {args.ray_trials} --stock-trials
 {args.stock_trials} --scaling-trials {args.scaling_trials} --stock-scaling-trials
 {args.stock_scaling_trials} --rerun-archs {args.rerun_archs}
---hv-trials {args.hv_trials} --seeds {args.seeds} --sampler-trials {args.sampler_trials}
---sampler-repeats {args.sampler_repeats}`; `--phases throughput`, `--phases hv` or `--phases
-sampler` reruns one part (the README is rebuilt from the CSVs).
+--hv-trials {args.hv_trials} --seeds {args.seeds}`; `--phases throughput` or `--phases hv`
+reruns one part (the README is rebuilt from the CSVs).
 
 Data and sizes:
 - `quickstart`: `search_spaces/quickstart.yaml` (scikit-learn digits 8x8, 18 depth settings,
@@ -100,9 +99,10 @@ The NSGA-II sampler is the largest share, so it was profiled (cProfile). Optuna 
 `NSGAIISampler` walks every trial of the study on every ask — `get_trial_generation` scans all
 COMPLETE trials, `get_population` and `get_parent_population` filter all trials — so with it
 the rate falls as the study grows (the `NSGAIISampler (Optuna 5.0)` rows above: the same loop,
-Optuna's sampler). exitnas' `IndexedNSGAIISampler` (a subclass) keeps complete trials indexed
-by generation and id as they appear: the same samples (a test compares them trial by trial with
-Optuna's own) at a rate that stays flat. What remains of "suggest" is Optuna's per-ask
+Optuna's sampler). exitnas' `IndexedNSGAIISampler` (a subclass, since removed) kept complete
+trials indexed by generation and id as they appeared: the same samples at a rate that stayed
+flat over 5,000 trials; at the default 200-1,000 trials it was no faster (the comparison
+below), so exitnas now uses Optuna's own. What remains of "suggest" is Optuna's per-ask
 bookkeeping: `IntersectionSearchSpace.calculate` deep-copies the search space on every ask,
 every `suggest_*` checks distribution compatibility and writes the in-memory storage, and the
 crossover itself; `study.tell` deep-copies the finished trial ("attrs + tell"). Scoring from
@@ -147,8 +147,10 @@ def sampler_section(load: str) -> str:
     return f"""
 ## Optuna's NSGAIISampler vs exitnas' IndexedNSGAIISampler (`sampler.csv`, `sampler_summary.csv`)
 
-The in-process loop (`run_inprocess`: ask, suggest, score as `run_search` does, tell, one
-journal commit per trial) on fresh studies, each sampler run back to back with the other (order
+Recorded at commit 402eba8 with `--phases sampler --sampler-trials 200,500,1000
+--sampler-repeats 3` (the CIFAR-10 backbone run paused, nothing else running); the indexed
+sampler and this phase were removed after it. The in-process loop (`run_inprocess`: ask,
+suggest, score as `run_search` does, tell, one journal commit per trial) on fresh studies, each sampler run back to back with the other (order
 alternating between pairs), same seed and population (the space's `search.population_size`),
 the same sampled architectures (checked). Load average {load} at the start of the phase.
 speedup = Optuna's seconds / exitnas' seconds (> 1: the indexed sampler is faster); median and

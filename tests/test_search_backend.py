@@ -12,7 +12,6 @@ from search_support import tiny_run, trained_tiny, trial_counts  # noqa: F401
 
 def test_search_context_holds_what_run_search_resolved(tiny_run):
     from exitnas.search import SearchContext, SearchOptions, search_context
-    from exitnas.search._internals import study_storage
 
     ctx = search_context(tiny_run, SearchOptions(trials=7, budget="0.8", seed=3), log=None)
     assert isinstance(ctx, SearchContext)
@@ -20,7 +19,7 @@ def test_search_context_holds_what_run_search_resolved(tiny_run):
     assert ctx.budget.expected_macs == pytest.approx(0.8 * ctx.costs.backbone())
     assert ctx.weights == tiny_run / "supernet" / "weights.safetensors"
     assert ctx.storage.spec.journal == str((tiny_run / "search" / "study.log").resolve())
-    assert study_storage(ctx.study) is ctx.storage.optuna  # the study is on the opened storage
+    assert ctx.study._storage is ctx.storage.optuna  # on the opened storage (private: a test may)
     assert ctx.study.user_attrs["exitnas"]["budget"] == ctx.budget.to_json()
     with pytest.raises(dataclasses.FrozenInstanceError):
         ctx.n_trials = 8

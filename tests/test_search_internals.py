@@ -110,14 +110,11 @@ def test_optuna_trial_and_study_hooks(tmp_path):
     import optuna
 
     from exitnas.search import StorageSpec
-    from exitnas.search._internals import (adopt_trial, set_trial_system_attr, study_id,
-                                           study_storage, trial_id)
+    from exitnas.search._internals import adopt_trial, set_trial_system_attr, trial_id
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = StorageSpec(journal=str(tmp_path / "j.log")).open()
     study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
-    assert study_storage(study) is storage
-    assert storage.get_study_name_from_id(study_id(study)) == study.study_name
     trial = study.ask()
     set_trial_system_attr(trial, "exitnas:test", [1, 2])
     frozen = study.get_trials()[0]
@@ -132,20 +129,6 @@ def test_optuna_trial_and_study_hooks(tmp_path):
     from optuna.study import _constrained_optimization
 
     assert _constrained_optimization._CONSTRAINTS_KEY == "constraints"
-
-
-def test_nsga2_keys_are_optunas_own():
-    import optuna
-
-    from exitnas.search import make_sampler
-    from exitnas.search._internals import generation_key, parent_cache_key_prefix
-
-    ours = make_sampler("nsga2", seed=0, population_size=4)
-    stock = optuna.samplers.NSGAIISampler(population_size=4, seed=0)
-    assert generation_key(ours) == generation_key(stock) == "NSGAIISampler:generation"
-    assert parent_cache_key_prefix(ours) == parent_cache_key_prefix(stock) \
-        == "NSGAIISampler:parent:"
-    assert ours.population_size == 4  # public: no private read needed
 
 
 def test_journal_backend_writes_the_stock_format(tmp_path):

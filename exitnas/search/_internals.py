@@ -11,12 +11,6 @@ Optuna:
 
 - a trial's storage id (``_trial_id``): storages address trials by id and neither ``Trial``
   nor ``FrozenTrial`` exposes it publicly;
-- a study's storage and id (``Study._storage``, ``_study_id``): only for
-  :class:`~exitnas.search._sampler.IndexedNSGAIISampler`, whose methods receive the study
-  (not the storage) and must read and write what Optuna's own NSGA-II reads and writes there;
-- NSGA-II's attribute keys (``_get_generation_key``, ``_get_parent_cache_key_prefix``,
-  ``_GENERATION_KEY``, ``_PARENT_CACHE_KEY_PREFIX``): the indexed sampler must write the
-  same keys, so a study stays readable by Optuna's own ``NSGAIISampler``;
 - ``Trial(study, trial_id)``: the only way to hold an Optuna trial again by its id (a Ray
   driver resumed by ``Tuner.restore`` re-adopts its RUNNING trials);
 - ``JournalFileBackend.append_logs`` overridden (:class:`JournalBackend`): the same file
@@ -64,42 +58,6 @@ def adopt_trial(study, trial_id_: int):
     # Trial's constructor is internal ("not recommended"), yet the only way back to a trial
     # asked by an earlier process: a restored Ray driver finishes the trials it had asked
     return Trial(study, trial_id_)
-
-
-def study_storage(study):
-    """The storage a study reads and writes (for a sampler, which receives only the study)."""
-    # private; IndexedNSGAIISampler reads the trial list and writes NSGA-II's generation
-    # attribute through it, exactly as Optuna's BaseGASampler does
-    return study._storage
-
-
-def study_id(study) -> int:
-    """A study's id in its storage."""
-    # private; the storage's study-level calls (get_study_system_attrs) need it, and Optuna 5
-    # removed Study.system_attrs, where NSGA-II caches parent populations
-    return study._study_id
-
-
-# ---- Optuna: NSGA-II's attribute keys ---------------------------------------------------------
-def generation_key(sampler) -> str:
-    """The system attribute NSGA-II stores a trial's generation under."""
-    # BaseGASampler._get_generation_key: private; the indexed sampler reads and writes it
-    return sampler._get_generation_key()
-
-
-def parent_cache_key_prefix(sampler) -> str:
-    """The study system attribute prefix NSGA-II caches parent populations under."""
-    # BaseGASampler._get_parent_cache_key_prefix: private; read to reuse Optuna's cache
-    return sampler._get_parent_cache_key_prefix()
-
-
-def share_ga_keys(subclass, base) -> None:
-    """Give ``subclass`` the attribute keys of ``base`` (BaseGASampler.__init_subclass__ names
-    them after the subclass), so both samplers read and write the same trials' attributes."""
-    # _GENERATION_KEY / _PARENT_CACHE_KEY_PREFIX: private class attributes; without this a
-    # study searched by IndexedNSGAIISampler would look like generation 0 to Optuna's own
-    subclass._GENERATION_KEY = base._GENERATION_KEY
-    subclass._PARENT_CACHE_KEY_PREFIX = base._PARENT_CACHE_KEY_PREFIX
 
 
 # ---- Optuna: the journal file -----------------------------------------------------------------
