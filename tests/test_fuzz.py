@@ -232,8 +232,8 @@ def mutated_tree(draw, base, values=WEIRD, max_edits: int = 3):
             parent[new] = parent.pop(last)
         elif op == "wrap":
             parent[last] = draw(st.sampled_from([[parent[last]], {"value": parent[last]}]))
-        else:
-            parent[last] = draw(values)
+        else:  # a copy: a later edit inside it must not change the strategy's constant
+            parent[last] = copy.deepcopy(draw(values))
     return data
 
 

@@ -31,12 +31,12 @@ def _perturb_bn(net: torch.nn.Module, seed: int) -> None:
 def test_extraction_is_exact(path):
     torch.manual_seed(0)
     space = load_space(path)
-    net = Supernet(space)
+    net = Supernet(space, pretrained=False)  # the shipped weights files are not here
     _perturb_bn(net, 1)
     net.eval()
     rng = random.Random(0)
     x = torch.randn(6, space.input.channels, space.input.size, space.input.size)
-    for _ in range(20):
+    for _ in range(20 if space.input.size <= 64 else 4):  # 224 px spaces: fewer, same checks
         arch = sample_arch(space, rng)
         model = net.extract(arch).eval()
         with torch.no_grad():

@@ -77,7 +77,7 @@ def test_supernet_starts_from_the_trained_backbone(backbone_run, tmp_path):
     grown = load_weights(result.weights)
     weights = [k for k in bb if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert weights and all(torch.allclose(grown[k], bb[k], atol=1e-6) for k in weights)
-    fresh = Supernet(space).state_dict()
+    fresh = Supernet(space, pretrained=False).state_dict()  # fresh weights, not backbone.weights
     assert not torch.allclose(fresh["stem.0.weight"], bb["stem.0.weight"])
 
 
