@@ -87,9 +87,9 @@ class Scale:
 SCALES = {
     # ~4 h alone on 2 CPU cores (backbone ~100 min, then ~35 min per seed, fidelity ~25 min)
     "cpu": Scale(name="cpu"),
-    # every stage on 1,000 train / 1,000 test images, one epoch each: minutes (CI runs it)
+    # every stage on 800 train / 500 test images, one epoch each: minutes (CI runs it)
     "smoke": Scale(name="smoke", overrides={
-        "data.train_subset": 1000, "data.test_subset": 1000, "backbone_training.epochs": 1,
+        "data.train_subset": 800, "data.test_subset": 500, "backbone_training.epochs": 1,
         "supernet.epochs": 1, "search.trials": 40, "search.population_size": 20},
         seeds=(0, 1), finetune_epochs=1, fidelity_networks=3, growth_structures=20,
         growth_variants=("largest-detached", "backbone-detached"),
