@@ -52,7 +52,9 @@ def key_text(key: Any) -> str:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses deep nesting, duplicate keys and over-long integers."""
+    """SafeLoader that refuses nesting deeper than MAX_DEPTH while composing. Used only to
+    compose (nodes, no values); :func:`parse_yaml` checks the nodes, then builds the values
+    with ``yaml.safe_load``."""
 
     def __init__(self, stream) -> None:
         super().__init__(stream)
@@ -69,29 +71,44 @@ class _StrictLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                continue  # merge keys may override; non-scalar keys are refused by PyYAML
-            key = self.construct_object(key_node)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"duplicate key {show(key)}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
-    def construct_yaml_int(self, node):
-        if len(str(node.value)) > MAX_INT_CHARS:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"integer of {len(str(node.value))} characters is too long",
-                node.start_mark)
-        return super().construct_yaml_int(node)
+def _check_int(node) -> None:
+    if node.tag == "tag:yaml.org,2002:int" and len(str(node.value)) > MAX_INT_CHARS:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"integer of {len(str(node.value))} characters is too long",
+            node.start_mark)
 
 
-_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
-_StrictLoader.add_constructor("tag:yaml.org,2002:map", _StrictLoader.construct_yaml_map)
+def _check_nodes(root) -> None:
+    """Refuse over-long integers and duplicate mapping keys (merge keys may override), in
+    document order. Keys are compared as the values they stand for (``1`` and ``0x1`` clash),
+    built by PyYAML's SafeConstructor."""
+    keys = yaml.constructor.SafeConstructor()
+    stack, done = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in done:  # an alias: checked where its anchor stands
+            continue
+        done.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            _check_int(node)
+            continue
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # non-scalar keys are refused by PyYAML itself
+                _check_int(key_node)
+                key = keys.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {show(key)}", key_node.start_mark)
+                seen.add(key)
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = list(node.value)
+        stack.extend(reversed(children))
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -104,9 +121,13 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def parse_yaml(text: str, *, file: str | None = None, path: str = "") -> Any:
-    """``text`` -> plain data with :class:`_StrictLoader`; errors are ConfigErrors."""
+    """``text`` -> plain data: composed with :class:`_StrictLoader` (depth), its nodes checked
+    (:func:`_check_nodes`), then ``yaml.safe_load``; errors are ConfigErrors."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        root = yaml.compose(text, Loader=_StrictLoader)  # nodes only: nothing is constructed
+        if root is not None:
+            _check_nodes(root)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(_yaml_problem(err), file=file, path=path) from None
 
