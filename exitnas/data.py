@@ -97,6 +97,12 @@ def epoch_plan(n: int, *, batch_size: int, shuffle: bool, seed: int, drop_last: 
     return g, plan
 
 
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (floored at 1e-3) of images [N, C, H, W] scaled to [0, 1]."""
+    return (tuple(x.mean(dim=(0, 2, 3)).tolist()),
+            tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()))
+
+
 @dataclass(frozen=True)
 class TensorSet(ImageSet):
     """Decoded images in memory."""
@@ -112,9 +118,7 @@ class TensorSet(ImageSet):
         return TensorSet(self.images[index], self.labels[index])
 
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        x = self.images.float() / 255
-        return (tuple(x.mean(dim=(0, 2, 3)).tolist()),
-                tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()))
+        return channel_stats(self.images.float() / 255)
 
     def batches(self, *, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
                 shuffle: bool = False, augment_images: bool = False, seed: int = 0,

@@ -24,7 +24,7 @@ from typing import ClassVar, Iterator
 import numpy as np
 import torch
 
-from .data import Batch, ImageSet, epoch_plan, normalize
+from .data import Batch, ImageSet, channel_stats, epoch_plan, normalize
 from .errors import DataError
 
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # PIL decoders allowed
@@ -125,9 +125,7 @@ class FolderSet(ImageSet):
             n += len(x)
             if n >= STATS_IMAGES:
                 break
-        x = torch.cat(xs)[:STATS_IMAGES]
-        return (tuple(x.mean(dim=(0, 2, 3)).tolist()),
-                tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()))
+        return channel_stats(torch.cat(xs)[:STATS_IMAGES])
 
     def batches(self, *, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
                 shuffle: bool = False, augment_images: bool = False, seed: int = 0,
