@@ -84,7 +84,9 @@ def test_a_killed_ray_train_worker_is_restarted_and_resumes_from_the_last_checkp
     # where the kill landed: after the first checkpoint, no epoch finished between the last
     # look and the worker's death, the run not done: inside epoch `at` + 1
     at = after["epoch"]
-    assert 1 <= before["epoch"] == at < EPOCHS
+    assert before["epoch"] >= 1  # killed after the first checkpoint was written
+    assert before["epoch"] == at  # no epoch ended between the last look and the death
+    assert len(after["rows"]) == at < EPOCHS  # epoch at + 1 had begun and not ended
     assert not after["weights"]
     assert k["victim"] in k["workers_at_kill"] and len(k["workers_at_kill"]) == 2
     _ok(k["run"])
@@ -132,7 +134,8 @@ def test_a_users_error_on_the_workers_is_one_line_and_not_retried(cluster):
     assert str(work / "resume" / "supernet" / "checkpoint.pt") in last
     # the first group (2 workers) raised it, the next one stopped at once: 4 worker processes
     # at most, where max_failures=3 retries would start 8 (a lower bound of what ran: polled)
-    assert 1 <= r["workers_seen"] <= 4, r["workers_seen"]
+    assert r["workers_seen"] >= 2, r["workers_seen"]  # the first group was watched running
+    assert r["workers_seen"] <= 4, r["workers_seen"]  # and at most one more group started
     assert not (work / "resume" / "config.yaml").exists()
     assert not (work / "resume" / "supernet" / "checkpoint.pt").exists()
 
