@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import git_state, load_average, machine  # noqa: E402
 
 from exitnas.cost import backbone_params, cost_table  # noqa: E402
+from exitnas.heads import HEADS  # noqa: E402
 from exitnas.io import atomic_write_json, atomic_write_text  # noqa: E402
 from exitnas.report import markdown  # noqa: E402
 from exitnas.space import parse_space  # noqa: E402
@@ -150,7 +151,8 @@ classes, randomly initialised (counts and step times do not depend on the weight
   `supernet.random_subnets` random depth settings, in-place distillation, one backward, one SGD
   step) against one plain step of the torchvision model (cross entropy, SGD) at 224 px, batch
   16, alternating after warm-up rounds; medians. Depth is elastic (every depth a stage allows)
-  and a head of each `--heads` design (default `linear`) sits at every exit position.
+  and a head of each `--heads` design (default: every registered design, `candidate_heads`
+  counts them all) sits at every exit position.
 - `runs.json`: command, machine, code and load of the run behind each CSV.
 
 Why the columns differ: torchvision's figure counts convolutions and linear layers only.
@@ -163,6 +165,16 @@ EfficientNets, whose BatchNorm layers sit on wide expanded features.
 """
 
 
+STEP_READING = """One supernet step is `passes` forward passes (largest, smallest, random) and one
+backward through all of them, so about `passes` plain steps is its floor; the rest is the
+candidate heads, which all run in the largest pass (every design at every position). They cost
+most where features are wide and large: the bottleneck ResNets (ResNet-50 7.9x, ResNeXt-50
+7.5x) carry `conv` heads (3x3 conv at min(C, 256) channels) on 56x56 and 28x28 features,
+whereas MobileNets and EfficientNets, whose early features are narrow, stay at 3.2-4.3x. A
+search space that keeps only `linear` heads at wide positions (`exits.heads`, or a position
+list) brings a bottleneck ResNet's step towards the floor."""
+
+
 def write_readme(out: Path, runs: dict) -> None:
     parts = ["# torchvision backbones: MACs vs torchvision's figures, supernet step time\n\n"]
     if (out / "backbones.csv").is_file():
@@ -172,6 +184,12 @@ def write_readme(out: Path, runs: dict) -> None:
         parts.append(f"\nAll {len(df)} models: exitnas's MACs within "
                      f"{100 * abs(worst['exitnas_ratio'] - 1):.2f} % of torchvision's published "
                      f"figure (worst: {worst['model']}); parameters equal torchvision's.\n\n")
+    if (out / "step_time.csv").is_file():
+        st = pd.read_csv(out / "step_time.csv")
+        hi = st.loc[st["ratio"].idxmax()]
+        parts.append(f"Supernet step / plain step over {len(st)} models: median "
+                     f"{st['ratio'].median():.2f}x, {st['ratio'].min():.2f}x to "
+                     f"{st['ratio'].max():.2f}x ({hi['model']}). {STEP_READING}\n\n")
     parts.append(ABOUT)
     for phase, what in (("macs", "backbones.csv"), ("step", "step_time.csv")):
         run = runs.get(phase)
@@ -195,7 +213,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--heads", default="linear", help="head designs at every exit position")
+    ap.add_argument("--heads", default=",".join(HEADS.names()),
+                    help="head designs at every exit position (default: every registered one)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
