@@ -190,3 +190,8 @@ def build_supernet_loss(name: str, *, head_weight: float = 0.5,
 
 __all__ = ["LOSSES", "ExitLoss", "build_loss", "loss_from_config", "soft_distill",
            "SUPERNET_LOSSES", "SupernetLoss", "SandwichLoss", "build_supernet_loss"]
+
+
+from . import losses_neg_correlation as _neg_correlation  # noqa: E402,F401 (registers)
+from . import losses_quicknets as _quicknets  # noqa: E402,F401 (registers)
+from . import losses_synergy as _synergy  # noqa: E402,F401 (registers)

@@ -249,9 +249,11 @@ class RetrainConfig:
     epochs: int = field(10, ge=1, le=EPOCHS_MAX, doc="total, split across phases")
     phase1_fraction: float = field(0.5, gt=0.0, lt=1.0, doc="share of epochs in phase 1")
     loss: str = field("mean_ce", choices=losses.LOSSES,
-                      doc="exit loss (registry): mean_ce, sdn, pabee, distill, boost")
+                      doc=f"exit loss (registry): {', '.join(losses.LOSSES.names())}")
     loss_temperature: float = field(3.0, gt=0.0, doc="distillation temperature")
-    loss_weight: float = field(0.5, ge=0.0, le=1.0, doc="distillation weight")
+    loss_weight: float = field(0.5, ge=0.0, le=1.0, doc="weight of the loss's second term: "
+                               "distillation (distill), pairwise KL (synergy), ambiguity "
+                               "penalty (neg_correlation)")
     optim: OptimConfig = field(OptimConfig(), doc="optimizer settings")
     init_from_supernet: bool = field(False, doc="start from the supernet's weights")
     phase1: Literal["train", "backbone"] = field(
