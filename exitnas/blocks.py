@@ -1,9 +1,11 @@
 """Backbone building blocks and families, in registries.
 
 A block is an ``nn.Module`` built with keyword-only ``in_channels``, ``channels``, ``stride``
-and ``expand_ratio``; its ``out_channels(channels)`` class method gives its output width. The
-``resnet`` and ``mobilenetv2`` families (:class:`StagedFamily`) build a backbone from the space
-file's stage list out of these blocks.
+and ``expand_ratio``, plus the stage settings of :data:`BLOCK_OPTIONS` it names in its
+``stage_options`` (a stage that sets another is refused); its ``out_channels(channels)`` class
+method gives its output width. The ``resnet`` and ``mobilenetv2`` families
+(:class:`StagedFamily`) build a backbone from the space file's stage list out of these blocks
+(``ghost_bottleneck``: :mod:`exitnas.ghost`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ from .registry import Registry
 from .topology import FAMILIES, Structure, Topology
 
 BLOCKS: Registry[type[nn.Module]] = Registry("block")
+BLOCK_OPTIONS = ("kernel", "se")  # StageConfig fields only the blocks naming them take
+
+
+def _stage_options(st) -> dict:
+    """The :data:`BLOCK_OPTIONS` stage ``st`` sets (unset: the block's defaults)."""
+    return {k: getattr(st, k) for k in BLOCK_OPTIONS if getattr(st, k) is not None}
 
 
 def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -139,6 +147,12 @@ class StagedFamily:
         if cfg.block not in self.blocks:
             raise ConfigError(f"block {cfg.block!r} does not belong to family {cfg.family!r} "
                               f"(allowed: {', '.join(self.blocks)})", path="block")
+        takes = getattr(BLOCKS.get(cfg.block), "stage_options", ())
+        for i, st in enumerate(cfg.stages):
+            for name in _stage_options(st):
+                if name not in takes:
+                    raise ConfigError(f"block {cfg.block!r} has no {name!r} setting",
+                                      path=f"stages[{i}].{name}")
 
     def stage_depths(self, cfg) -> tuple[tuple[int, ...], ...]:
         return tuple(st.depths for st in cfg.stages)
@@ -167,7 +181,7 @@ class StagedFamily:
             for b in range(max(st.depths)):
                 stage.append(block_cls(in_channels=cin, channels=st.channels,
                                        stride=st.stride if b == 0 else 1,
-                                       expand_ratio=st.expand_ratio))
+                                       expand_ratio=st.expand_ratio, **_stage_options(st)))
                 cin = block_cls.out_channels(st.channels)
             stages.append(stage)
         final = build_head(bb.final_head, in_channels=cin, num_classes=space.num_classes,
@@ -177,4 +191,7 @@ class StagedFamily:
 
 
 FAMILIES.register("resnet")(StagedFamily(blocks=("basic", "bottleneck"), stem=_resnet_stem))
-FAMILIES.register("mobilenetv2")(StagedFamily(blocks=("inverted_residual",), stem=_mobilenet_stem))
+FAMILIES.register("mobilenetv2")(StagedFamily(blocks=("inverted_residual", "ghost_bottleneck"),
+                                              stem=_mobilenet_stem))
+
+from . import ghost as _ghost  # noqa: E402,F401 (registers "ghost_bottleneck")

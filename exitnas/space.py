@@ -42,7 +42,9 @@ class StageConfig:
     channels: int = field(ge=1, le=8192, doc="block width (bottleneck: inner width; output is 4x)")
     stride: int = field(1, choices=(1, 2), doc="stride of the stage's first block")
     depths: tuple[int, ...] = field(nonempty=True, ge=1, le=512, doc="allowed numbers of blocks")
-    expand_ratio: int = field(6, ge=1, le=64, doc="inverted_residual expansion factor")
+    expand_ratio: int = field(6, ge=1, le=64, doc="inverted_residual / ghost_bottleneck expansion factor (hidden width = input width x this)")
+    kernel: int | None = field(None, choices=(3, 5, 7), doc="ghost_bottleneck: kernel of the depthwise convs of a stride-2 block and its shortcut (default 3)")
+    se: float | None = field(None, gt=0.0, le=1.0, doc="ghost_bottleneck: squeeze-excitation ratio (GhostNet: 0.25; default none)")
 
     def __post_init__(self) -> None:
         if list(self.depths) != sorted(set(self.depths)):
@@ -56,7 +58,7 @@ class BackboneConfig:
     takes ``model`` and optional ``stage_depths``."""
 
     family: str = field(choices=topology.FAMILIES, doc="backbone family: resnet, mobilenetv2 (built from stages) or torchvision (a torchvision model)")
-    block: str | None = field(None, choices=blocks.BLOCKS, doc="resnet / mobilenetv2: block registry name: basic, bottleneck (resnet), inverted_residual (mobilenetv2)")
+    block: str | None = field(None, choices=blocks.BLOCKS, doc="resnet / mobilenetv2: block registry name: basic, bottleneck (resnet), inverted_residual, ghost_bottleneck (mobilenetv2)")
     stem: Literal["cifar", "imagenet"] = field("cifar", doc="resnet / mobilenetv2: cifar: 3x3 s1; imagenet: 7x7 s2 + max-pool")
     stem_channels: int = field(16, ge=1, le=8192, doc="resnet / mobilenetv2: output width of the stem")
     stages: tuple[StageConfig, ...] | None = field(None, nonempty=True, doc="resnet / mobilenetv2: one entry per stage, in order")
@@ -358,6 +360,10 @@ class Space:
 
         core = {k: to_dict(getattr(self, k)) for k in ("num_classes", "input", "backbone", "exits")}
         del core["backbone"]["weights"]  # where trained weights come from is not the network
+        for stage in core["backbone"]["stages"] or ():
+            for key in STAGE_KEYS_ADDED:
+                if stage[key] is None:  # unset: the network every older space file meant
+                    del stage[key]
         for (section, key), default in ADDED_SINCE_V1.items():
             if core[section][key] == default:  # the network every older space file meant
                 del core[section][key]
@@ -370,6 +376,7 @@ class Space:
 # channels, where old weights then fail to load with a one-line shape error.)
 ADDED_SINCE_V1 = {("backbone", "model"): None, ("backbone", "stage_depths"): None,
                   ("exits", "head_width"): 256}
+STAGE_KEYS_ADDED = ("kernel", "se")  # per-stage keys added later, None (unset) in older files
 
 
 def parse_space(data: object, *, file: str | None = None) -> Space:
