@@ -124,8 +124,8 @@ def save_stats(path: Path, stats: ArchStats, **meta) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, conf=stats.conf, entropy=stats.entropy, pred=stats.pred,
-                     labels=stats.labels, exit_macs=np.asarray(stats.exit_macs, np.int64),
-                     backbone_macs=np.int64(stats.backbone_macs),
+                     labels=stats.labels, exit_macs=np.asarray(stats.exit_costs, np.int64),
+                     backbone_macs=np.int64(stats.backbone_cost),
                      meta=np.frombuffer(json.dumps({"names": list(stats.names), **meta})
                                         .encode(), dtype=np.uint8))
 
@@ -159,8 +159,7 @@ def model_stats(space, arch, weights: Path, splits, split: str, folder: Path) ->
     model = load_model(space, arch, weights)
     data = batches(getattr(splits, split), batch_size=space.data.eval_batch_size,
                    mean=splits.mean, std=splits.std)
-    stats = ArchStats.from_model(model, data, exit_macs=costs.exit_costs(arch),
-                                 backbone_macs=costs.backbone())
+    stats = ArchStats.from_model(model, data, costs=costs, arch=arch)
     save_stats(path, stats, arch=arch.id, weights=str(weights))
     return stats
 

@@ -64,14 +64,14 @@ class Net:
 
     def _point(self, thresholds: tuple) -> tuple:
         s = self.val.score("max_softmax", thresholds)
-        return s.accuracy, s.expected_macs / self.val.backbone_macs, tuple(thresholds)
+        return s.accuracy, s.expected_cost / self.val.backbone_cost, tuple(thresholds)
 
     @cached_property
     def _fits(self) -> dict[float, tuple]:
         """The fitted point of every budget the benchmark asks for, fitted in one call (the
         starts are scored once for all budgets)."""
         budgets = sorted(set(BUDGETS) | set(AUC_GRID))
-        fits = fit_budgets(self.val, budgets_macs=[b * self.val.backbone_macs for b in budgets])
+        fits = fit_budgets(self.val, budgets=[b * self.val.backbone_cost for b in budgets])
         return {b: self._point(f.thresholds) if f.feasible else None
                 for b, f in zip(budgets, fits)}
 
@@ -83,7 +83,7 @@ class Net:
         if budget in self._fits:
             point = self._fits[budget]
         else:
-            fit = fit_thresholds(self.val, budget_macs=budget * self.val.backbone_macs)
+            fit = fit_thresholds(self.val, budget=budget * self.val.backbone_cost)
             point = self._point(fit.thresholds) if fit.feasible else None
         return [] if point is None else [point]
 
@@ -101,7 +101,7 @@ def choose(nets: list[Net], protocol: str, budget: float) -> dict | None:
     va, vc, ts, net = best
     t = net.test.score("max_softmax", ts)
     return {"val_accuracy": va, "val_relative_macs": vc, "test_accuracy": t.accuracy,
-            "test_relative_macs": t.expected_macs / net.test.backbone_macs,
+            "test_relative_macs": t.expected_cost / net.test.backbone_cost,
             "network": net.name, "arch": net.arch.id,
             "params": ",".join("inf" if math.isinf(x) else f"{x:.4f}" for x in ts)}
 
@@ -180,9 +180,9 @@ class SeedNets:
                          "arch": arch.id, "study_val_accuracy": p["val_accuracy"],
                          "rescored_val_accuracy": s.accuracy,
                          "study_val_expected_macs": p["val_expected_macs"],
-                         "rescored_val_expected_macs": s.expected_macs,
+                         "rescored_val_expected_macs": s.expected_cost,
                          "equal": s.accuracy == p["val_accuracy"]
-                         and math.isclose(s.expected_macs, p["val_expected_macs"], rel_tol=1e-9)})
+                         and math.isclose(s.expected_cost, p["val_expected_macs"], rel_tol=1e-9)})
         return rows
 
 

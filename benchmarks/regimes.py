@@ -81,8 +81,8 @@ def evaluate(bench: Bench, seed: int, regime: str, epochs: int, out: Path, split
                          **{k: c.get(k, np.nan) for k in ("test_accuracy", "val_accuracy",
                                                           "test_relative_macs")}})
     exits = [{"regime": regime, "seed": seed, "exit": k, "name": name,
-              "relative_macs": m / test.backbone_macs, "test_accuracy": a}
-             for k, (name, m, a) in enumerate(zip(test.names, test.exit_macs, test.exit_accuracy))]
+              "relative_macs": m / test.backbone_cost, "test_accuracy": a}
+             for k, (name, m, a) in enumerate(zip(test.names, test.exit_costs, test.exit_accuracy))]
     return rows, exits
 
 

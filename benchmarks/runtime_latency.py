@@ -247,7 +247,7 @@ def main() -> None:
                 pred, exits, macs = logits.argmax(1), np.full(count, k), 1.0
             else:
                 res = p.predict(inputs[b][:count])
-                pred, exits, macs = res.pred, res.exit, float(res.macs.mean()) / backbone
+                pred, exits, macs = res.pred, res.exit, float(res.cost.mean()) / backbone
             val_ratio = (1.0 if configs[c] is None else float(costs[exits_from_logits(
                 val_logits, "max_softmax", (thr,) * k).exit.numpy()].mean() / backbone))
             ratio = float(np.median(t / base))

@@ -1,4 +1,4 @@
-"""exitnas: search, train and export early-exit neural networks under a MACs budget."""
+"""exitnas: search, train and export early-exit neural networks under a cost budget (MACs, ms)."""
 from .arch import Arch, Exit, sample_arch
 from .cost import CostTable, cost_table
 from .errors import ExitnasError

@@ -1,6 +1,14 @@
-"""Cost in MACs, counted by fvcore per segment and summed.
+"""Costs per segment, summed: the cost-model registry and its default, fvcore MACs.
 
-What is counted (one input image of the space's size, eval mode):
+A cost model (``cost.model`` in a space; :data:`COST_MODELS`) turns a space into a
+:class:`CostTable`: the cost of every segment (stem, each block at each position, each
+candidate head at each position, the final head) in one :class:`~exitnas.units.Unit`. Built in:
+``fvcore_macs`` (here; exact integer MACs), ``latency`` (:mod:`exitnas.latency`: milliseconds
+measured with the runtime backend deployed on) and ``table`` (:mod:`exitnas.cost_csv`: a CSV of
+per-segment costs measured on the target device). Add one with
+``@COST_MODELS.register("name")`` on a :class:`CostModel` subclass.
+
+What ``fvcore_macs`` counts (one input image of the space's size, eval mode):
 - fvcore's defaults: convolutions and linear layers (one fused multiply-add = 1 MAC),
   BatchNorm (2 per input element in eval mode with its affine weights, as fvcore counts it),
   LayerNorm (5 per input element, fvcore's rule), adaptive average pooling (1 per input
@@ -38,12 +46,18 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from math import prod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .arch import Arch
-from .space import Space
+from .errors import ConfigError
+from .registry import Registry
+from .units import MACS, Unit
+
+if TYPE_CHECKING:  # space.py imports this module to register the built-in cost models
+    from .arch import Arch
+    from .space import Space
 
 
 def _count_input(inputs, outputs) -> int:
@@ -114,16 +128,19 @@ def _ignorable(op: str) -> bool:
                                  "reshape", "size", "detach"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CostTable:
-    """Per-segment MACs of a space at one input size (batch 1)."""
+    """Per-segment costs of a space at its input size, per image, in ``unit`` (fvcore MACs of
+    one image; ``latency``: ms per image at the measured batch size)."""
 
-    stem: int
-    blocks: dict[tuple[int, int], int]           # (stage, block) -> MACs
-    heads: dict[tuple[int, int, str], int]       # (stage, block, head) -> MACs
-    final: int
+    unit: Unit
+    stem: float
+    blocks: dict[tuple[int, int], float]           # (stage, block) -> cost
+    heads: dict[tuple[int, int, str], float]       # (stage, block, head) -> cost
+    final: float
+    counted: str = ""                               # what was counted / measured, for manifests
 
-    def exit_costs(self, arch: Arch) -> list[int]:
+    def exit_costs(self, arch: Arch) -> list[float]:
         """C_k for every exit of ``arch``, the final exit last."""
         costs, head_total = [], 0
         marks = {e.position: self.heads[(e.stage, e.block, e.head)] for e in arch.exits}
@@ -137,11 +154,11 @@ class CostTable:
         costs.append(backbone + head_total + self.final)
         return costs
 
-    def path_cost(self, arch: Arch) -> int:
+    def path_cost(self, arch: Arch) -> float:
         """Worst case: a sample that runs every exit (= C of the final exit)."""
         return self.exit_costs(arch)[-1]
 
-    def backbone(self, depths: tuple[int, ...] | None = None) -> int:
+    def backbone(self, depths: tuple[int, ...] | None = None) -> float:
         """The plain backbone at ``depths`` (default: max): blocks + final head, no exits."""
         depths = depths or tuple(1 + max(b for (s2, b) in self.blocks if s2 == s)
                                  for s in sorted({s for s, _ in self.blocks}))
@@ -153,10 +170,15 @@ class CostTable:
         return float(sum(f * c for f, c in zip(exit_fractions, self.exit_costs(arch))))
 
     def to_json(self) -> dict:
-        return {"stem": self.stem, "final": self.final,
-                "blocks": [{"stage": s, "block": b, "macs": m} for (s, b), m in sorted(self.blocks.items())],
-                "heads": [{"stage": s, "block": b, "head": h, "macs": m}
+        key = self.unit.key
+        return {"unit": key, "counted": self.counted, "stem": self.stem, "final": self.final,
+                "blocks": [{"stage": s, "block": b, key: m} for (s, b), m in sorted(self.blocks.items())],
+                "heads": [{"stage": s, "block": b, "head": h, key: m}
                           for (s, b, h), m in sorted(self.heads.items())]}
+
+
+COUNTED_MACS = ("fvcore MACs at batch 1 (one multiply-add = 1), per segment; C_k = backbone up "
+                "to exit k + every head evaluated on the way")
 
 
 def build_cost_table(net: nn.Module) -> CostTable:
@@ -180,7 +202,8 @@ def build_cost_table(net: nn.Module) -> CostTable:
     heads = {(e.stage, e.block, e.head): count(net.heads[e.key], feat_shapes[e.position])
              for e in net.candidate_exits(space.max_depths)}
     final = count(net.final, tuple(x.shape[1:]))
-    return CostTable(stem=stem, blocks=blocks, heads=heads, final=final)
+    return CostTable(unit=MACS, stem=stem, blocks=blocks, heads=heads, final=final,
+                     counted=COUNTED_MACS)
 
 
 def backbone_params(net: nn.Module) -> int:
@@ -189,12 +212,49 @@ def backbone_params(net: nn.Module) -> int:
     return sum(p.numel() for m in (net.stem, net.stages, net.final) for p in m.parameters())
 
 
+class CostModel:
+    """A registry entry: :meth:`table` builds the cost table of a space in the entry's unit
+    (its ``cost`` section holds the entry's settings; weights never change a cost, so a fresh
+    supernet is measured)."""
+
+    def check(self, cfg) -> None:
+        """Raise a ConfigError (``path``: the field in the ``cost`` section) when ``cfg``'s
+        settings do not suit this model."""
+        if cfg.table is not None:
+            raise ConfigError(f"a table is read by cost.model 'table', not {cfg.model!r}",
+                              path="table")
+
+    def table(self, space: Space) -> CostTable:
+        raise NotImplementedError
+
+
+COST_MODELS: Registry[CostModel] = Registry("cost model")
+
+
+@COST_MODELS.register("fvcore_macs")
+class FvcoreMacs(CostModel):
+    """fvcore MACs per segment, with the rules of the module docs (exact integers)."""
+
+    def table(self, space: Space) -> CostTable:
+        return mac_table(space)
+
+
 @lru_cache(maxsize=8)
-def cost_table(space: Space) -> CostTable:
-    """The cost table of ``space`` (weights do not change MACs, so a fresh supernet is used)."""
+def mac_table(space: Space) -> CostTable:
+    """fvcore MACs of ``space`` whatever its cost model (the export's ``macs`` fields)."""
     from .supernet import Supernet
 
     return build_cost_table(Supernet(space, pretrained=False))
+
+
+@lru_cache(maxsize=8)
+def cost_table(space: Space) -> CostTable:
+    """The cost table of ``space`` by its cost model (``cost.model``)."""
+    return cost_model(space).table(space)
+
+
+def cost_model(space: Space) -> CostModel:
+    return COST_MODELS.get(space.cost.model)()
 
 
 def model_segment_macs(model: nn.Module, shape: tuple[int, ...], *,

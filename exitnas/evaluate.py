@@ -10,7 +10,7 @@ the extracted model's early-exit forward (``MultiExitModel.predict``)::
     model = net.extract(arch, calib=calibration_batches(space, splits))  # what the cache scored
     s = score(cache, arch, cost_table(space))                       # ~0.1 ms, no network
     stats = ArchStats.from_cache(cache, arch, cost_table(space))    # one arch, for protocols
-    stats = ArchStats.from_model(model, batches(...), exit_macs=..., backbone_macs=...)
+    stats = ArchStats.from_model(model, batches(...), costs=cost_table(space), arch=arch)
 
 Scoring runs in numpy over float32 statistics with each policy's numpy rule
 (:mod:`exitnas.exit_rules`, the rules the runtime applies), which compares as the policy's torch
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Iterable, Sequence
@@ -35,6 +36,7 @@ from .arch import Arch, Exit
 from .cost import CostTable
 from .policy import POLICIES, ExitStats
 from .supernet import _BN_STATS
+from .units import MACS, Unit
 
 
 # ---- the single vectorised scorer ------------------------------------------------------------
@@ -50,11 +52,13 @@ def exit_index(policy: str, params: Sequence[float], conf: np.ndarray, entropy: 
 
 @dataclass(frozen=True)
 class Score:
+    """Accuracy and costs in the cost table's unit (``exitnas.units``)."""
+
     accuracy: float
-    expected_macs: float
+    expected_cost: float               # sum_k exit_fractions[k] x exit_costs[k]
     exit_fractions: tuple[float, ...]  # share of samples leaving at each exit (final last)
     exit_accuracy: tuple[float, ...]   # accuracy of each exit on all samples (anytime)
-    exit_macs: tuple[int, ...]         # C_k
+    exit_costs: tuple[float, ...]      # C_k
 
 
 @lru_cache(maxsize=8)
@@ -65,17 +69,21 @@ def _arange(n: int) -> np.ndarray:
 
 
 def _summarise(idx: np.ndarray, correct_flat: np.ndarray, rows: np.ndarray, n: int,
-               exit_accuracy: tuple[float, ...], exit_macs: Sequence[int]) -> Score:
+               exit_accuracy: tuple[float, ...], exit_costs: Sequence[float]) -> Score:
     counts = np.bincount(idx, minlength=len(rows))
     flat = rows[idx]
     flat *= n
     flat += _arange(n)
     hits = int(np.count_nonzero(correct_flat.take(flat)))
-    # integer MACs x integer counts, divided once: the same float for any summation order
-    total = sum(int(c) * int(m) for c, m in zip(counts.tolist(), exit_macs))
-    return Score(accuracy=hits / n, expected_macs=total / n,
+    # integer costs x integer counts (or fsum's exactly rounded float sum), divided once: the
+    # same float for any summation order
+    if all(isinstance(m, int) for m in exit_costs):
+        total = sum(c * m for c, m in zip(counts.tolist(), exit_costs))
+    else:
+        total = math.fsum(c * float(m) for c, m in zip(counts.tolist(), exit_costs))
+    return Score(accuracy=hits / n, expected_cost=total / n,
                  exit_fractions=tuple(c / n for c in counts.tolist()),
-                 exit_accuracy=exit_accuracy, exit_macs=tuple(int(m) for m in exit_macs))
+                 exit_accuracy=exit_accuracy, exit_costs=tuple(exit_costs))
 
 
 # ---- the supernet cache ----------------------------------------------------------------------
@@ -160,7 +168,7 @@ def decide(cache: ExitCache, arch: Arch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def score(cache: ExitCache, arch: Arch, costs: CostTable) -> Score:
-    """Accuracy and expected MACs of ``arch`` from the cache (no network pass)."""
+    """Accuracy and expected cost of ``arch`` from the cache (no network pass)."""
     rows = cache.row_index(arch)
     conf, entropy, pred = cache.arrays
     idx = exit_index(arch.policy, arch.thresholds, conf, entropy, pred, rows)
@@ -173,29 +181,32 @@ def score(cache: ExitCache, arch: Arch, costs: CostTable) -> Score:
 @dataclass(frozen=True)
 class ArchStats:
     """Per-exit statistics of ONE architecture over one split, [K, N] (final exit last):
-    ``conf``/``entropy`` float32, ``pred`` int64; ``labels`` [N]; ``exit_macs`` C_k;
-    ``backbone_macs`` the plain backbone's MACs (relative costs divide by it)."""
+    ``conf``/``entropy`` float32, ``pred`` int64; ``labels`` [N]; ``exit_costs`` C_k and
+    ``backbone_cost`` the plain backbone's cost (relative costs divide by it), both in
+    ``unit``."""
 
     conf: np.ndarray
     entropy: np.ndarray
     pred: np.ndarray
     labels: np.ndarray
-    exit_macs: tuple[int, ...]
-    backbone_macs: int
+    exit_costs: tuple[float, ...]
+    backbone_cost: float
     names: tuple[str, ...] = field(default=())
+    unit: Unit = MACS
 
     def __post_init__(self) -> None:
         for name, dtype in (("conf", np.float32), ("entropy", np.float32), ("pred", np.int64),
                             ("labels", np.int64)):
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=dtype))
-        object.__setattr__(self, "exit_macs", tuple(int(c) for c in self.exit_macs))
-        object.__setattr__(self, "backbone_macs", int(self.backbone_macs))
+        num = int if self.unit.integer else float
+        object.__setattr__(self, "exit_costs", tuple(num(c) for c in self.exit_costs))
+        object.__setattr__(self, "backbone_cost", num(self.backbone_cost))
         k, n = self.conf.shape
         if self.entropy.shape != (k, n) or self.pred.shape != (k, n) or self.labels.shape != (n,):
             raise ValueError(f"ArchStats arrays disagree: conf {self.conf.shape}, entropy "
                              f"{self.entropy.shape}, pred {self.pred.shape}, labels {self.labels.shape}")
-        if len(self.exit_macs) != k:
-            raise ValueError(f"{len(self.exit_macs)} exit costs for {k} exits")
+        if len(self.exit_costs) != k:
+            raise ValueError(f"{len(self.exit_costs)} exit costs for {k} exits")
         if not self.names:
             object.__setattr__(self, "names", tuple(f"exit{i}" for i in range(k - 1)) + ("final",))
 
@@ -227,7 +238,7 @@ class ArchStats:
     def score_index(self, idx: np.ndarray) -> Score:
         """Score given exits taken per sample [N] (from any rule: policy, budget, oracle)."""
         return _summarise(np.asarray(idx, dtype=np.intp), self._correct_flat, self._rows,
-                          self.num_samples, self.exit_accuracy, self.exit_macs)
+                          self.num_samples, self.exit_accuracy, self.exit_costs)
 
     def score(self, policy: str, params: Sequence[float]) -> Score:
         return self.score_index(self.exit_index(policy, params))
@@ -238,15 +249,15 @@ class ArchStats:
         rows = cache.row_index(arch)
         conf, entropy, pred = cache.arrays
         return cls(conf[rows], entropy[rows], pred[rows], cache.labels.numpy().copy(),
-                   tuple(costs.exit_costs(arch)), int(costs.backbone()),
-                   tuple(e.key for e in arch.exits) + ("final",))
+                   tuple(costs.exit_costs(arch)), costs.backbone(),
+                   tuple(e.key for e in arch.exits) + ("final",), costs.unit)
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model, batches: Iterable, *, exit_macs: Sequence[int],
-                   backbone_macs: int) -> "ArchStats":
-        """One pass of a standalone ``MultiExitModel`` (eval mode, every exit computed for
-        every sample) over ``batches`` of (images, labels)."""
+    def from_model(cls, model, batches: Iterable, *, costs: CostTable, arch: Arch) -> "ArchStats":
+        """One pass of a standalone ``MultiExitModel`` of ``arch`` (eval mode, every exit
+        computed for every sample) over ``batches`` of (images, labels); costs from
+        ``costs``."""
         was = model.training
         model.eval()
         parts, labels = [], []
@@ -260,8 +271,9 @@ class ArchStats:
         if not parts:
             raise ValueError("ArchStats.from_model got no batches")
         conf, entropy, pred = (torch.cat([p[i] for p in parts], dim=1).numpy() for i in range(3))
-        return cls(conf, entropy, pred, torch.cat(labels).long().numpy(), tuple(exit_macs),
-                   int(backbone_macs), tuple(model.exit_names))
+        return cls(conf, entropy, pred, torch.cat(labels).long().numpy(),
+                   tuple(costs.exit_costs(arch)), costs.backbone(), tuple(model.exit_names),
+                   costs.unit)
 
 
 # ---- the cache on disk -----------------------------------------------------------------------

@@ -5,7 +5,9 @@
 
 DIR holds:
 
-    arch.json            manifest: space, arch, policy + thresholds, C_k and backbone MACs,
+    arch.json            manifest: space, arch, policy + thresholds, C_k and the backbone's cost
+                         in the cost model's unit (``cost``, what the search scored) and in
+                         fvcore MACs (``macs``),
                          input shape + normalisation, classes, versions, weight source, graphs,
                          every file with its sha256 (and the weights' tensor shapes)
     weights.safetensors  the MultiExitModel state dict (segments.k.*, heads.k.*)
@@ -155,20 +157,21 @@ def _shape(t) -> list:
 def _manifest(*, space: Space, arch: Arch, splits, source: dict, graphs: dict,
               onnx_skipped: str | None) -> dict:
     from . import __version__
-    from .cost import cost_table
+    from .cost import cost_table, mac_table
 
-    table = cost_table(space)
-    costs = table.exit_costs(arch)
-    backbone = table.backbone()
+    table, macs = cost_table(space), mac_table(space)
+    costs, mac_costs = table.exit_costs(arch), macs.exit_costs(arch)
+    backbone, mac_backbone = table.backbone(), macs.backbone()
     names = [e.key for e in arch.exits] + ["final"]
     heads = [e.head for e in arch.exits] + [space.backbone.final_head]
     positions = [[e.stage, e.block] for e in arch.exits] + [None]
-    # per-graph MACs (batch 1) for split deployments: C_k = C_{k-1} + segment k + head k
-    head_macs = [table.heads[(e.stage, e.block, e.head)] for e in arch.exits] + [table.final]
-    for k, (c, h) in enumerate(zip(costs, head_macs)):
-        graphs[f"segment_{k}"]["macs"] = c - (costs[k - 1] if k else 0) - h
-        graphs[f"head_{k}"]["macs"] = h
-    graphs["model"]["macs"] = costs[-1]
+    # per-graph costs (batch 1) for split deployments: C_k = C_{k-1} + segment k + head k
+    for key, t, c_k in (("macs", macs, mac_costs), ("cost", table, costs)):
+        head_cost = [t.heads[(e.stage, e.block, e.head)] for e in arch.exits] + [t.final]
+        for k, (c, h) in enumerate(zip(c_k, head_cost)):
+            graphs[f"segment_{k}"][key] = c - (c_k[k - 1] if k else 0) - h
+            graphs[f"head_{k}"][key] = h
+        graphs["model"][key] = c_k[-1]
     versions = {"exitnas": __version__, "torch": torch.__version__}
     if onnx_skipped is None:
         import onnx
@@ -179,12 +182,15 @@ def _manifest(*, space: Space, arch: Arch, splits, source: dict, graphs: dict,
         "space": {"name": space.name, "version": space.version, "fingerprint": space.fingerprint},
         "arch": arch.to_json(),
         "policy": {"name": arch.policy, "thresholds": list(arch.thresholds)},
-        "exits": [{"index": k, "name": n, "position": p, "head": h, "macs": c,
-                   "relative_macs": c / backbone}
-                  for k, (n, p, h, c) in enumerate(zip(names, positions, heads, costs))],
-        "macs": {"backbone": backbone, "arch_backbone": table.backbone(arch.depths),
-                 "counted": "fvcore MACs at batch 1 (one multiply-add = 1), per segment; C_k = "
-                            "backbone up to exit k + every head evaluated on the way"},
+        "exits": [{"index": k, "name": n, "position": p, "head": h, "macs": m,
+                   "relative_macs": m / mac_backbone, "cost": c, "relative_cost": c / backbone}
+                  for k, (n, p, h, m, c) in enumerate(zip(names, positions, heads, mac_costs,
+                                                          costs))],
+        "macs": {"backbone": mac_backbone, "arch_backbone": macs.backbone(arch.depths),
+                 "counted": macs.counted},
+        "cost": {"model": space.cost.model, "unit": table.unit.key, "label": table.unit.label,
+                 "backbone": backbone, "arch_backbone": table.backbone(arch.depths),
+                 "counted": table.counted},
         "input": {"shape": [space.input.channels, space.input.size, space.input.size],
                   "dtype": "float32", "layout": "NCHW", "mean": list(splits.mean),
                   "std": list(splits.std), "view": splits.test.view,

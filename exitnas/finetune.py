@@ -19,9 +19,10 @@ that are already trained usually want a lower learning rate than training from s
 
 **Thresholds.** After training, the exit thresholds are fitted on val
 (:func:`~exitnas.thresholds.fit_thresholds`) for the cost the inherited model has: the budget
-is the inherited model's expected MACs on val with ``arch``'s own thresholds. So the fine-tuned
+is the inherited model's expected cost on val with ``arch``'s own thresholds (in the space's
+cost unit; arch.json's keys name it: ``budget_macs``, ``expected_ms``). So the fine-tuned
 model keeps the cost target the search scored ``arch`` at (a searched arch's thresholds were
-fitted for the search budget, and its expected MACs are at most that) and is compared with the
+fitted for the search budget, and its expected cost is at most that) and is compared with the
 inherited one at equal cost. Statistics for fitting are computed on the CPU, as the export and
 its runtime compute them. A policy whose thresholds are not fitted (``Policy.fitted`` false:
 ``patience``) keeps ``arch``'s parameters.
@@ -30,7 +31,7 @@ Outputs: ``RUN/finetune/<structure id>/<regime>/{model.safetensors, arch.json, m
 checkpoint.pt}``; the structure id is the arch id without its thresholds
 (``d2.2~s0b1=conv~max_softmax``), since the trained weights do not depend on them. arch.json
 holds the fitted arch (``exitnas export RUN --arch arch.json --weights model.safetensors``), its
-val accuracy and expected MACs, and the inherited model's. A killed run resumes from its last
+val accuracy and expected cost, and the inherited model's. A killed run resumes from its last
 epoch with the weights of an uninterrupted one; a checkpoint of another structure, regime,
 space, supernet or settings is refused. Rerunning a finished run writes nothing, except that an
 arch of the same structure with other thresholds (another budget) re-fits arch.json.
@@ -101,25 +102,25 @@ def val_stats(model: MultiExitModel, arch: Arch, space: Space, splits: Splits) -
     costs = cost_table(space)
     data = batches(splits.val, batch_size=space.data.eval_batch_size, mean=splits.mean,
                    std=splits.std)
-    return ArchStats.from_model(model, data, exit_macs=costs.exit_costs(arch),
-                                backbone_macs=costs.backbone())
+    return ArchStats.from_model(model, data, costs=costs, arch=arch)
 
 
-def fit_arch(stats: ArchStats, arch: Arch, space: Space, budget_macs: float) -> tuple[Arch, dict]:
-    """``arch`` with thresholds fitted on ``stats`` for ``budget_macs`` (policies without
-    fitting keep theirs), and what they score."""
+def fit_arch(stats: ArchStats, arch: Arch, space: Space, budget: float) -> tuple[Arch, dict]:
+    """``arch`` with thresholds fitted on ``stats`` for ``budget`` (``stats.unit``; policies
+    without fitting keep theirs), and what they score (``expected_<unit>``)."""
     from .policy import get_policy
     from .thresholds import fit_thresholds
 
     rule = get_policy(arch.policy)
     if not rule.fitted:
         s = stats.score(arch.policy, arch.thresholds)
-        return arch, {"fitted": False, "accuracy": s.accuracy, "expected_macs": s.expected_macs}
-    fit = fit_thresholds(stats, budget_macs=budget_macs, policy=arch.policy,
+        return arch, {"fitted": False, "accuracy": s.accuracy,
+                      stats.unit.name("expected"): s.expected_cost}
+    fit = fit_thresholds(stats, budget=budget, policy=arch.policy,
                          value_range=rule.param_range(space.policy))
     return arch.with_thresholds(fit.thresholds), {
         "fitted": True, "start": fit.start, "feasible": fit.feasible, "accuracy": fit.accuracy,
-        "expected_macs": fit.expected_macs}
+        stats.unit.name("expected"): fit.expected_cost}
 
 
 def _check(arch: Arch, space: Space, regime: str, epochs: int) -> None:
@@ -153,8 +154,10 @@ def finetune(run_dir: RunDir, arch: Arch, *, space: Space, regime: str,
                             resume=resume, restart=restart)
     splits = splits or load_splits(space)
     model = inherited_model(run_dir, space, arch, splits)
-    s = val_stats(model, arch, space, splits).score(arch.policy, arch.thresholds)
-    before = {"arch": arch.id, "accuracy": s.accuracy, "expected_macs": s.expected_macs}
+    inherited = val_stats(model, arch, space, splits)
+    unit = inherited.unit
+    s = inherited.score(arch.policy, arch.thresholds)
+    before = {"arch": arch.id, "accuracy": s.accuracy, unit.name("expected"): s.expected_cost}
     model.to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -169,18 +172,18 @@ def finetune(run_dir: RunDir, arch: Arch, *, space: Space, regime: str,
     result = run_loop(spec, state, space=space, splits=splits, dist=dist, log=log)
     set_phase(model, 2)  # every parameter trainable again for whoever uses the model next
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    manifest = _manifest_if_same(out, arch) if result.finished_before else None
+    manifest = _manifest_if_same(out, arch, unit) if result.finished_before else None
     if manifest is None:
-        fitted, after = fit_arch(val_stats(model, arch, space, splits), arch, space,
-                                 before["expected_macs"])
+        budget = before[unit.name("expected")]
+        fitted, after = fit_arch(val_stats(model, arch, space, splits), arch, space, budget)
         manifest = {"arch": fitted.to_json(), "space": space.name,
                     "fingerprint": space.fingerprint, "regime": regime, "epochs": epochs,
-                    "loss": cfg.loss, "exit_names": model.exit_names,
-                    "budget_macs": before["expected_macs"], "val": after, "inherited": before}
+                    "loss": cfg.loss, "exit_names": model.exit_names, "cost_unit": unit.key,
+                    unit.name("budget"): budget, "val": after, "inherited": before}
         if dist.is_main:
             _write(out, model, manifest, weights=not result.finished_before)
             if result.finished_before and log:
-                log(f"thresholds re-fitted for the expected MACs of {arch.id}: {out}/arch.json")
+                log(f"thresholds re-fitted for the expected cost of {arch.id}: {out}/arch.json")
     dist.barrier()
     return FinetuneResult(out, model, Arch.from_json(manifest["arch"]), regime, manifest,
                           result.history, result.resumed_from)
@@ -194,14 +197,17 @@ def _write(out: Path, model: MultiExitModel, manifest: dict, *, weights: bool) -
     atomic_write_json(out / "arch.json", manifest)
 
 
-def _manifest_if_same(out: Path, arch: Arch) -> dict | None:
-    """The arch.json of a finished run when it was fitted for ``arch`` (same budget)."""
+def _manifest_if_same(out: Path, arch: Arch, unit) -> dict | None:
+    """The arch.json of a finished run when it was fitted for ``arch`` (same budget, same
+    cost unit)."""
     try:
         manifest = json.loads((out / "arch.json").read_text())
     except (OSError, ValueError):
         return None
     inherited = manifest.get("inherited") if isinstance(manifest, dict) else None
-    return manifest if isinstance(inherited, dict) and inherited.get("arch") == arch.id else None
+    same = isinstance(inherited, dict) and inherited.get("arch") == arch.id \
+        and manifest.get("cost_unit", "macs") == unit.key
+    return manifest if same else None
 
 
 __all__ = ["finetune", "FinetuneResult", "finetune_dir", "structure_id", "fit_arch",

@@ -2,11 +2,13 @@
 
 Every protocol takes :class:`~exitnas.evaluate.ArchStats` (from a supernet cache with
 ``ArchStats.from_cache`` or from a standalone model with ``ArchStats.from_model``; both are
-scored by the same code) and returns a pandas DataFrame. Costs are MACs (fvcore, batch 1);
-``relative_macs`` divides by the plain backbone's MACs. Protocols that fit something take the
-val statistics to fit on and the test statistics to report on, and never look at test to fit::
+scored by the same code) and returns a pandas DataFrame. Costs are in the statistics' unit
+(``ArchStats.unit``: fvcore MACs by default) and their columns name it: ``expected_macs``,
+``relative_macs`` (the expected cost / the plain backbone's), ``expected_ms``... Protocols that
+fit something take the val statistics to fit on and the test statistics to report on, and never
+look at test to fit::
 
-    val = ArchStats.from_model(model, batches(splits.val, ...), exit_macs=c, backbone_macs=b)
+    val = ArchStats.from_model(model, batches(splits.val, ...), costs=cost_table(space), arch=a)
     anytime(test)                      # accuracy and C_k of every exit
     budget_accuracy(val, test)         # threshold sweep: best val point under 25/50/75/100 %
     budgeted_batch(val, test)          # MSDNet's budgeted batch, p = i/20
@@ -29,12 +31,21 @@ BUDGETED_BATCH_P = tuple(i / 20 for i in range(1, 40))
 
 
 def _row(stats: ArchStats, s: Score, prefix: str = "") -> dict:
-    return {f"{prefix}accuracy": s.accuracy, f"{prefix}expected_macs": s.expected_macs,
-            f"{prefix}relative_macs": s.expected_macs / stats.backbone_macs}
+    n = stats.unit.name
+    return {f"{prefix}accuracy": s.accuracy, f"{prefix}{n('expected')}": s.expected_cost,
+            f"{prefix}{n('relative')}": s.expected_cost / stats.backbone_cost}
+
+
+def relative_column(df: pd.DataFrame, prefix: str = "") -> str:
+    """The name of ``df``'s relative-cost column (``relative_macs``, ``val_relative_ms``...)."""
+    names = [c for c in df.columns if c.startswith(f"{prefix}relative_")]
+    if len(names) != 1:
+        raise ValueError(f"expected one {prefix}relative_<unit> column, got {names}")
+    return names[0]
 
 
 def policy_score(stats: ArchStats, policy: str, params: Sequence[float]) -> pd.DataFrame:
-    """One row: accuracy, expected and relative MACs, and ``exit_fractions`` (the share
+    """One row: accuracy, expected and relative cost, and ``exit_fractions`` (the share
     leaving at each exit, final last)."""
     s = stats.score(policy, params)
     return pd.DataFrame([{"policy": policy, "params": ",".join(f"{p:g}" for p in params),
@@ -45,9 +56,10 @@ def policy_score(stats: ArchStats, policy: str, params: Sequence[float]) -> pd.D
 def anytime(stats: ArchStats) -> pd.DataFrame:
     """Every exit on every sample: its accuracy and its C_k (the backbone up to exit k plus
     every head on the way, exit k's included)."""
+    u = stats.unit
     return pd.DataFrame({"exit": range(stats.num_exits), "name": stats.names,
-                         "macs": stats.exit_macs,
-                         "relative_macs": [c / stats.backbone_macs for c in stats.exit_macs],
+                         u.key: stats.exit_costs,
+                         u.name("relative"): [c / stats.backbone_cost for c in stats.exit_costs],
                          "accuracy": stats.exit_accuracy})
 
 
@@ -59,7 +71,8 @@ def threshold_sweep(stats: ArchStats, thresholds: Sequence[float] = SWEEP_THRESH
     k = stats.num_exits - 1
     rows = [{"threshold": float(t), **_row(stats, stats.score("max_softmax", (t,) * k))}
             for t in thresholds]
-    return pd.DataFrame(rows, columns=["threshold", "accuracy", "expected_macs", "relative_macs"])
+    n = stats.unit.name
+    return pd.DataFrame(rows, columns=["threshold", "accuracy", n("expected"), n("relative")])
 
 
 def _select(costs: np.ndarray, accs: np.ndarray, budget: float) -> int | None:
@@ -73,27 +86,28 @@ def _select(costs: np.ndarray, accs: np.ndarray, budget: float) -> int | None:
 
 
 def fit_sweep_budgets(val_sweep: pd.DataFrame, budgets: Sequence[float] = BUDGETS) -> pd.DataFrame:
-    """For each budget (fraction of the backbone's MACs), the threshold of the sweep point on
+    """For each budget (fraction of the backbone's cost), the threshold of the sweep point on
     VAL with the best accuracy whose expected relative cost <= the budget (NaN if none)."""
-    costs = val_sweep["relative_macs"].to_numpy(float)
+    column = relative_column(val_sweep)
+    costs = val_sweep[column].to_numpy(float)
     accs = val_sweep["accuracy"].to_numpy(float)
     out = []
     for b in budgets:
         i = _select(costs, accs, b)
         out.append({"budget": b, "threshold": np.nan if i is None else val_sweep["threshold"].iloc[i],
                     "val_accuracy": np.nan if i is None else accs[i],
-                    "val_relative_macs": np.nan if i is None else costs[i]})
+                    f"val_{column}": np.nan if i is None else costs[i]})
     return pd.DataFrame(out)
 
 
 def apply_sweep_budgets(fitted: pd.DataFrame, test: ArchStats) -> pd.DataFrame:
     """Add test accuracy and costs of each fitted threshold, applied unchanged to ``test``."""
-    k = test.num_exits - 1
+    k, n = test.num_exits - 1, test.unit.name
     extra = []
     for t in fitted["threshold"]:
         if np.isnan(t):
-            extra.append({"test_accuracy": np.nan, "test_expected_macs": np.nan,
-                          "test_relative_macs": np.nan})
+            extra.append({"test_accuracy": np.nan, f"test_{n('expected')}": np.nan,
+                          f"test_{n('relative')}": np.nan})
         else:
             extra.append(_row(test, test.score("max_softmax", (float(t),) * k), "test_"))
     return pd.concat([fitted.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
@@ -186,12 +200,13 @@ def auc_table(val: ArchStats, test: ArchStats) -> pd.DataFrame:
     """AUC per protocol, operating points selected on val and reported on test: the anytime
     exits, the threshold sweep and the budgeted batch."""
     rows = []
+    rel = val.unit.name("relative")
     va, ta = anytime(val), anytime(test)
-    rows.append(("anytime", va["relative_macs"], va["accuracy"], ta["accuracy"]))
+    rows.append(("anytime", va[rel], va["accuracy"], ta["accuracy"]))
     vs, ts = threshold_sweep(val), threshold_sweep(test)
-    rows.append(("threshold_sweep", vs["relative_macs"], vs["accuracy"], ts["accuracy"]))
+    rows.append(("threshold_sweep", vs[rel], vs["accuracy"], ts["accuracy"]))
     bb = budgeted_batch(val, test)
-    rows.append(("budgeted_batch", bb["val_relative_macs"], bb["val_accuracy"], bb["test_accuracy"]))
+    rows.append(("budgeted_batch", bb[f"val_{rel}"], bb["val_accuracy"], bb["test_accuracy"]))
     return pd.DataFrame([{"protocol": name, "auc": auc(c, s, r), "val_auc": auc(c, s)}
                          for name, c, s, r in rows])
 

@@ -5,14 +5,15 @@
 Models (:func:`find_models`): the exports of the supernet's own weights (``inherited``), the
 fine-tuned and the retrained-from-scratch models, one arch's side by side. Each model makes one pass over val
 and one over test with every exit computed (``ArchStats.from_model``); every protocol fits its
-thresholds on val and reports test. Costs are fvcore MACs at batch 1 from the space's cost
-table; relative costs divide by the plain backbone (all blocks, final head only).
+thresholds on val and reports test. Costs come from the space's cost table, in its unit (fvcore
+MACs at batch 1 by default; columns name the unit: ``backbone_macs``, ``test_relative_ms``);
+relative costs divide by the plain backbone (all blocks, final head only).
 
 Files: ``models``, ``policy`` (the arch's own policy and thresholds), ``anytime``,
-``threshold_budgets`` (accuracy at 25/50/75/100 % of the backbone's MACs), ``threshold_sweep``,
+``threshold_budgets`` (accuracy at 25/50/75/100 % of the backbone's cost), ``threshold_sweep``,
 ``budgeted_batch``, ``auc``, ``oracle`` and ``front`` (copied from ``RUN/search/front.csv``
 when present) as ``.csv`` and in ``report.md``; PNGs ``threshold_sweep.png``,
-``budgeted_batch.png``, ``anytime.png`` (accuracy vs relative MACs, one line per model, the
+``budgeted_batch.png``, ``anytime.png`` (accuracy vs relative cost, one line per model, the
 oracle as a star), ``exit_accuracy.png`` (test accuracy of every exit) and ``front.png``.
 """
 from __future__ import annotations
@@ -112,7 +113,8 @@ def model_tables(entry: ModelEntry, val: ArchStats, test: ArchStats) -> dict[str
             df[col] = df[col].map(lambda v: ";".join(f"{f:.4f}" for f in v))
     models = pd.DataFrame([{"policy": arch.policy, "params": _fmt_params(arch.thresholds),
                             "exits": ",".join(test.names), "val_samples": val.num_samples,
-                            "test_samples": test.num_samples, "backbone_macs": test.backbone_macs,
+                            "test_samples": test.num_samples,
+                            test.unit.name("backbone"): test.backbone_cost,
                             "weights": str(entry.weights)}])
     tables = {"models": models, "policy": policy, "anytime": anytime, "threshold_budgets": budgets,
               "threshold_sweep": sweep, "budgeted_batch": bb, "auc": P.auc_table(val, test),
@@ -136,7 +138,7 @@ def markdown(df: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(folder: Path, t: dict[str, pd.DataFrame]) -> list[str]:
+def _plots(folder: Path, t: dict[str, pd.DataFrame], unit) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,17 +147,18 @@ def _plots(folder: Path, t: dict[str, pd.DataFrame]) -> list[str]:
     keys = list(dict.fromkeys(zip(t["models"]["arch"], t["models"]["regime"])))
     label = {k: f"{k[1]}: {k[0]}" if len(k[0]) < 60 else f"{k[1]}: {k[0][:57]}..." for k in keys}
     written = []
-    curves = {"threshold_sweep": ("test_relative_macs", "test_accuracy", "-"),
-              "budgeted_batch": ("test_relative_macs", "test_accuracy", "-o"),
-              "anytime": ("relative_macs", "test_accuracy", "-s")}
+    rel = unit.name("relative")
+    curves = {"threshold_sweep": (f"test_{rel}", "test_accuracy", "-"),
+              "budgeted_batch": (f"test_{rel}", "test_accuracy", "-o"),
+              "anytime": (rel, "test_accuracy", "-s")}
     for name, (x, y, style) in curves.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for k in keys:
             df = t[name][(t[name]["arch"] == k[0]) & (t[name]["regime"] == k[1])].sort_values(x)
             line, = ax.plot(df[x], df[y], style, ms=3, label=label[k])
             o = t["oracle"][(t["oracle"]["arch"] == k[0]) & (t["oracle"]["regime"] == k[1])]
-            ax.plot(o["relative_macs"], o["accuracy"], "*", ms=10, color=line.get_color())
-        ax.set_xlabel("expected MACs / backbone MACs (test)")
+            ax.plot(o[rel], o["accuracy"], "*", ms=10, color=line.get_color())
+        ax.set_xlabel(f"expected {unit.label} / backbone {unit.label} (test)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{name.replace('_', ' ')} (star: oracle)")
         ax.grid(alpha=0.3)
@@ -180,7 +183,7 @@ def _plots(folder: Path, t: dict[str, pd.DataFrame]) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         f = t["front"].sort_values("relative_cost")
         ax.step(f["relative_cost"], f["accuracy"], "-o", where="post", ms=4)
-        ax.set_xlabel("expected MACs / backbone MACs (val)")
+        ax.set_xlabel(f"expected {unit.label} / backbone {unit.label} (val)")
         ax.set_ylabel("val accuracy")
         ax.set_title("search front")
         ax.grid(alpha=0.3)
@@ -209,9 +212,9 @@ def write_report(run: RunDir, *, batch_size: int | None = None) -> ReportResult:
     per_model = []
     for entry in entries:
         model = load_model(space, entry)
-        c = dict(exit_macs=costs.exit_costs(entry.arch), backbone_macs=costs.backbone())
         val, test = (ArchStats.from_model(model, batches(s, batch_size=bs, mean=splits.mean,
-                                                         std=splits.std), **c)
+                                                         std=splits.std),
+                                          costs=costs, arch=entry.arch)
                      for s in (splits.val, splits.test))
         per_model.append(model_tables(entry, val, test))
     tables = {name: pd.concat([m[name] for m in per_model], ignore_index=True) for name in TABLES}
@@ -224,11 +227,11 @@ def write_report(run: RunDir, *, batch_size: int | None = None) -> ReportResult:
         with atomic_path(folder / f"{name}.csv") as tmp:
             df.to_csv(tmp, index=False, float_format="%.4f")
         files.append(f"{name}.csv")
-    files += _plots(folder, tables)
+    files += _plots(folder, tables, costs.unit)
     md = [f"# Report — run `{run.path}`, space `{space.name}`", "",
           f"Thresholds fitted on val ({len(splits.val)} samples), accuracy on test "
-          f"({len(splits.test)} samples). MACs: fvcore, batch 1; relative = / plain backbone "
-          f"({costs.backbone():,} MACs).", ""]
+          f"({len(splits.test)} samples). Costs: {costs.counted}; relative = / plain backbone "
+          f"({costs.unit.show(costs.backbone())}).", ""]
     for name, df in tables.items():
         if name == "threshold_sweep":
             md += ["## threshold_sweep", "", "100 thresholds, same at every exit: see "

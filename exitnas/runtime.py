@@ -2,11 +2,13 @@
 
     from exitnas.runtime import load
     p = load("runs/r/export/ID")                  # or backend="onnx" (ONNX Runtime)
-    pred, exit, macs = p.predict(p.preprocess(images_uint8_nchw))
+    pred, exit, cost = p.predict(p.preprocess(images_uint8_nchw))
 
 A batch runs segment by segment; after each exit's head, the samples the policy lets go are
-dropped from the rest of the computation. ``macs`` is C_k of the exit each sample took (fvcore
-MACs from arch.json). Needs numpy, plus torch + safetensors for ``.pt2`` or onnxruntime for
+dropped from the rest of the computation. ``cost`` is C_k of the exit each sample took, in the
+unit of the cost model the search scored with (arch.json ``cost``: ``p.cost_unit`` is ``macs``
+or ``ms``...; exports made before cost models: fvcore MACs). ``p.exit_macs`` holds every exit's
+fvcore MACs whatever the cost model. Needs numpy, plus torch + safetensors for ``.pt2`` or onnxruntime for
 ``.onnx`` (the ONNX path imports no torch). The exit rules come from ``exit_rules.py``
 (numpy only; exitnas's scorer applies the same ones, :mod:`exitnas.exit_rules`, exposed here as
 ``rules``): this file imports nothing else from exitnas, and a deployment copies the two files
@@ -75,7 +77,7 @@ class ExportError(_Base):
 class Result(NamedTuple):
     pred: np.ndarray  # [N] class index
     exit: np.ndarray  # [N] exit taken (the last index is the final exit)
-    macs: np.ndarray  # [N] C_k of the exit taken, MACs
+    cost: np.ndarray  # [N] C_k of the exit taken, in Predictor.cost_unit
 
 
 # ---- verification -------------------------------------------------------------------------
@@ -513,6 +515,12 @@ class Predictor:
         self.exit_names = [e["name"] for e in manifest["exits"]]
         self.classes = list(manifest["classes"])
         self.backbone_macs = int(manifest["macs"]["backbone"])
+        cost = manifest.get("cost")  # absent before cost models: the cost was fvcore MACs
+        self.cost_unit = str(cost["unit"]) if cost else "macs"
+        self.cost_label = str(cost["label"]) if cost else "MACs"
+        self.exit_costs = np.array([e["cost"] for e in manifest["exits"]], dtype=np.float64) \
+            if cost else self.exit_macs
+        self.backbone_cost = float(cost["backbone"]) if cost else self.backbone_macs
         inp = manifest["input"]
         self.input_shape = tuple(inp["shape"])
         self._mean = np.asarray(inp["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
@@ -521,7 +529,7 @@ class Predictor:
         self.set_policy(manifest["policy"]["name"], manifest["policy"]["thresholds"])
 
     def set_policy(self, policy: str, thresholds) -> None:
-        """Change the exit rule (the accuracy / MACs trade-off) without re-exporting: one
+        """Change the exit rule (the accuracy / cost trade-off) without re-exporting: one
         value per early exit (max_softmax, entropy thresholds) or one for the model
         (patience), as the policy's rule (``rules``) takes them."""
         try:
@@ -599,7 +607,7 @@ class Predictor:
                 state = tuple(s[keep] for s in state)
                 if alive.size:
                     x = b.take(x, keep)
-        return Result(pred, exit_idx, self.exit_macs[exit_idx])
+        return Result(pred, exit_idx, self.exit_costs[exit_idx])
 
 
 def load(root, backend: str = "pt2", *, threads: int | None = None, check: bool = True,

@@ -22,7 +22,7 @@ from typing import Literal
 
 import yaml
 
-from . import blocks, data, heads, losses, policy, topology, tv_family  # noqa: F401 (registers)
+from . import blocks, cost, cost_csv, data, heads, latency, losses, policy, topology, tv_family  # noqa: F401 (registers)
 from ._config import field, from_dict, read_yaml, to_dict, with_overrides
 from .errors import ConfigError
 
@@ -224,25 +224,54 @@ class SupernetConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CostConfig:
+    """The ``cost`` section: which cost model scores every architecture (exitnas.cost) and
+    its settings; budgets, tables and exports are in its unit."""
+
+    model: str = field("fvcore_macs", choices=cost.COST_MODELS,
+                       doc="cost model (registry): fvcore_macs (MACs), latency (ms per image, "
+                           "measured with the runtime backend), table (a CSV of per-segment "
+                           "costs measured on the target device)")
+    backend: Literal["pt2", "onnx"] = field(
+        "pt2", doc="latency: the runtime backend measured (pt2 = torch.export, onnx = ONNX "
+                   "Runtime)")
+    batch: int = field(1, ge=1, le=4096, doc="latency: images per call measured; costs are ms "
+                                             "per image at this batch size")
+    threads: int = field(1, ge=1, le=1024, doc="latency: intra-op threads measured with")
+    rounds: int = field(30, ge=3, le=10**5, doc="latency: timed rounds (median), all segments "
+                                                "interleaved in each round")
+    warmup: int = field(5, ge=0, le=10**5, doc="latency: untimed rounds first")
+    table: str | None = field(None, doc="table: CSV file of per-segment costs (columns "
+                                        "segment, stage, block, head, cost, unit)")
+
+    def __post_init__(self) -> None:
+        cost.COST_MODELS.get(self.model)().check(self)  # a ConfigError names the field
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchConfig:
     trials: int = field(200, ge=1, le=10**8, doc="completed trials the search reaches")
     sampler: Literal["nsga2", "random"] = field("nsga2", doc="NSGA-II or a random baseline")
     population_size: int = field(32, ge=2, le=10**6, doc="NSGA-II population")
     seed: int = field(0, ge=0, le=SEED_MAX, doc="sampler seed")
-    budget_fraction: float | None = field(1.0, gt=0.0, doc="expected-MACs budget / backbone MACs")
-    budget_macs: float | None = field(None, gt=0.0, doc="absolute budget (overrides fraction)")
-    max_path_fraction: float | None = field(None, gt=0.0, doc="worst-case path budget")
+    budget_fraction: float | None = field(1.0, gt=0.0, doc="expected-cost budget / the plain "
+                                                             "backbone's cost")
+    budget: str | float | None = field(
+        None, doc="absolute expected-cost budget in the cost model's unit, e.g. 20M (MACs) or "
+                  "3.5ms; overrides budget_fraction")
+    max_path_fraction: float | None = field(None, gt=0.0, doc="worst-case path budget / the "
+                                                              "backbone's cost")
     backend: Literal["optuna", "ray"] = field("optuna", doc="in-process Optuna or Ray Tune")
     storage: str | None = field(None, doc="SQLAlchemy URL or journal path (default: run dir)")
     workers: int = field(2, ge=1, le=2**16, doc="concurrent Ray trials")
     thresholds: Literal["fitted", "evolved"] = field(
         "fitted", doc="fitted: each candidate's exit thresholds are fitted on val for every "
                       "deploy budget (exitnas.thresholds); evolved: thresholds are genes")
-    deploy_budgets: tuple[float, ...] | None = field(
-        None, gt=0.0, doc="expected-MACs budgets to deploy at: fractions of the backbone's MACs "
-                          "(<= 1) or MACs (> 1), each <= the search budget; the search maximises "
-                          "the mean val accuracy over them, thresholds fitted per budget "
-                          "(default: the search budget)")
+    deploy_budgets: tuple[float | str, ...] | None = field(
+        None, doc="expected-cost budgets to deploy at: fractions of the backbone's cost (<= 1) "
+                  "or amounts in the cost model's unit (20M, 3.5ms), each <= the search budget; "
+                  "the search maximises the mean val accuracy over them, thresholds fitted per "
+                  "budget (default: the search budget)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,6 +315,7 @@ class Space:
     data: DataConfig = field(DataConfig())
     backbone_training: BackboneTrainingConfig = field(BackboneTrainingConfig())
     supernet: SupernetConfig = field(SupernetConfig())
+    cost: CostConfig = field(CostConfig())
     search: SearchConfig = field(SearchConfig())
     retrain: RetrainConfig = field(RetrainConfig())
 

@@ -1,11 +1,11 @@
 """Exit thresholds fitted on val for a budget, not evolved.
 
-    fit = fit_thresholds(val_stats, budget_macs=0.5 * backbone_macs)
+    fit = fit_thresholds(val_stats, budget=0.5 * val_stats.backbone_cost)
     arch = arch.with_thresholds(fit.thresholds)      # scores exactly fit.accuracy on val
 
 For one architecture (its per-exit statistics on val, :class:`~exitnas.evaluate.ArchStats`)
-and an expected-cost budget in MACs, find per-exit thresholds with the highest val accuracy
-whose expected MACs stay within the budget. A policy is fitted when it says so
+and an expected-cost budget in the statistics' cost unit (MACs, ms...), find per-exit thresholds
+with the highest val accuracy whose expected cost stays within the budget. A policy is fitted when it says so
 (``Policy.fitted``; its numpy rule, an :class:`~exitnas.exit_rules.Threshold`, names the value
 array and the direction: ``max_softmax`` ``conf >= t``, ``entropy`` ``entropy <= t``). Two
 starts, each the best feasible point of its family: the shared threshold of the sweep (100
@@ -43,8 +43,8 @@ class Fit:
 
     thresholds: tuple[float, ...]
     accuracy: float
-    expected_macs: float
-    feasible: bool      # expected MACs <= the budget
+    expected_cost: float  # in the statistics' unit
+    feasible: bool        # expected cost <= the budget
     start: str          # the start that led to the result: "sweep", "budgeted_batch" or
                         # "none" (no early exit)
 
@@ -86,14 +86,15 @@ def _on_grid(t: float, rule: _Rule) -> float:
 class _Problem:
     """Exact per-sample outcomes of one arch: correctness and cost of every exit."""
 
-    def __init__(self, stats: ArchStats, rule: _Rule, budget_macs: float) -> None:
+    def __init__(self, stats: ArchStats, rule: _Rule, budget: float) -> None:
         self.rule = rule
         self.k = stats.num_exits
         self.n = stats.num_samples
         self.correct = (stats.pred == stats.labels[None, :])
-        self.costs = np.asarray(stats.exit_macs, dtype=np.int64)
-        # feasible <=> total / n <= budget, the scorer's expected_macs test
-        self.budget = float(budget_macs)
+        self.integer = stats.unit.integer
+        self.costs = np.asarray(stats.exit_costs, dtype=np.int64 if self.integer else np.float64)
+        # feasible <=> total / n <= budget, the scorer's expected-cost test
+        self.budget = float(budget)
 
     def exit_index(self, ts: Sequence[float]) -> np.ndarray:
         idx = np.full(self.n, self.k - 1, dtype=np.intp)
@@ -104,12 +105,13 @@ class _Problem:
             alive &= ~leave
         return idx
 
-    def outcome(self, idx: np.ndarray) -> tuple[int, int]:
-        """(correct count, total MACs) of exits ``idx``."""
+    def outcome(self, idx: np.ndarray) -> tuple[int, float]:
+        """(correct count, total cost) of exits ``idx``."""
         hits = int(np.count_nonzero(self.correct[idx, np.arange(self.n)]))
-        return hits, int(self.costs[idx].sum())
+        total = self.costs[idx].sum()
+        return hits, int(total) if self.integer else float(total)
 
-    def feasible(self, total: int) -> bool:
+    def feasible(self, total: float) -> bool:
         return total / self.n <= self.budget
 
     def improve_exit(self, ts: list[float], k: int) -> bool:
@@ -159,17 +161,17 @@ def _starts(stats: ArchStats, rule: _Rule, budgeted_batch: bool, lo: float, hi: 
             yield "budgeted_batch", [_on_grid(t, rule) for t in ts]
 
 
-def fit_thresholds(stats: ArchStats, *, budget_macs: float, policy: str = "max_softmax",
+def fit_thresholds(stats: ArchStats, *, budget: float, policy: str = "max_softmax",
                    value_range: tuple[float, float] = (0.0, 1.0), rounds: int = 8) -> Fit:
     """Thresholds of ``policy`` (a fitted one: ``max_softmax``, ``entropy``...) for ``stats``
-    with the best accuracy at expected MACs <= ``budget_macs`` (module docs). ``value_range``
+    with the best accuracy at expected cost <= ``budget`` (``stats.unit``; module docs). ``value_range``
     bounds the thresholds (the policy's key of the space, e.g. ``policy.threshold_range``).
     When no point fits the budget, the cheapest start is returned with ``feasible`` False."""
-    return fit_budgets(stats, budgets_macs=(budget_macs,), policy=policy,
+    return fit_budgets(stats, budgets=(budget,), policy=policy,
                        value_range=value_range, rounds=rounds)[0]
 
 
-def fit_budgets(stats: ArchStats, *, budgets_macs: Sequence[float], policy: str = "max_softmax",
+def fit_budgets(stats: ArchStats, *, budgets: Sequence[float], policy: str = "max_softmax",
                 value_range: tuple[float, float] = (0.0, 1.0), rounds: int = 8) -> tuple[Fit, ...]:
     """:func:`fit_thresholds` for several budgets at once (the starts are scored once)."""
     pol = POLICIES.get(policy)
@@ -178,7 +180,7 @@ def fit_budgets(stats: ArchStats, *, budgets_macs: Sequence[float], policy: str 
         raise ValueError(f"thresholds of policy {policy!r} are not fitted ({', '.join(fitted)})")
     lo, hi = value_range
     rule = _Rule(threshold=pol.rule, values=getattr(stats, pol.rule.stat), grid=_grid(lo, hi))
-    probs = [_Problem(stats, rule, b) for b in budgets_macs]
+    probs = [_Problem(stats, rule, b) for b in budgets]
     if stats.num_exits == 1:
         return tuple(_result(stats, policy, [], "none", p) for p in probs)
     scored = []
@@ -214,7 +216,7 @@ def _fit_one(stats, policy, prob: _Problem, scored, cheapest, rounds: int) -> Fi
 def _result(stats: ArchStats, policy: str, ts: list[float], name: str, prob: _Problem) -> Fit:
     ts = tuple(round(float(t), DECIMALS) for t in ts)
     s = stats.score(policy, ts)
-    return Fit(ts, s.accuracy, s.expected_macs, s.expected_macs <= prob.budget, name)
+    return Fit(ts, s.accuracy, s.expected_cost, s.expected_cost <= prob.budget, name)
 
 
 __all__ = ["Fit", "fit_thresholds", "fit_budgets", "DECIMALS"]

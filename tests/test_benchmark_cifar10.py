@@ -65,9 +65,9 @@ def test_fitted_points_are_the_librarys_fit_and_infeasible_budgets_give_none():
     val, test = _two_exit_stats(0), _two_exit_stats(1)
     net = Net("x", arch, val, test)
     for b in (0.4, 0.6, 0.9):
-        fit = fit_thresholds(val, budget_macs=b * 100)
+        fit = fit_thresholds(val, budget=b * 100)
         (va, vc, ts), = net.points("fitted", b)
-        assert ts == fit.thresholds and va == fit.accuracy and vc == fit.expected_macs / 100
+        assert ts == fit.thresholds and va == fit.accuracy and vc == fit.expected_cost / 100
         got = choose([net], "fitted", b)
         assert got["test_accuracy"] == test.score("max_softmax", fit.thresholds).accuracy
     assert net.points("fitted", 0.2) == [] and choose([net], "fitted", 0.2) is None

@@ -99,7 +99,7 @@ def test_cached_scoring_equals_extracted_model_predict(trained):
                     c = costs.exit_costs(arch)
                     counts = torch.bincount(idx_m, minlength=len(c)).tolist()
                     assert s.accuracy == int((pred_m == labels).sum()) / n
-                    assert s.expected_macs == sum(k * m for k, m in zip(counts, c)) / n
+                    assert s.expected_cost == sum(k * m for k, m in zip(counts, c)) / n
                     assert s.exit_fractions == tuple(k / n for k in counts)
                     assert stats.score(policy, arch.thresholds) == s
                     exits_seen.update(i if i < len(c) - 1 else "final" for i in idx_m.tolist())
@@ -139,13 +139,13 @@ def test_from_model_equals_from_cache(trained):
     a = ArchStats.from_cache(cache, arch, costs)
     b = ArchStats.from_model(model, batches(splits.val, batch_size=space.data.eval_batch_size,
                                             mean=splits.mean, std=splits.std),
-                             exit_macs=costs.exit_costs(arch), backbone_macs=costs.backbone())
+                             costs=costs, arch=arch)
     for x, y in ((a.conf, b.conf), (a.entropy, b.entropy), (a.pred, b.pred), (a.labels, b.labels)):
         assert np.array_equal(x, y)
     assert a.names == b.names == ("s0b1=sdn_pool", "s1b0=mlp", "final")
     assert a.score("max_softmax", (0.6, 0.7)) == b.score("max_softmax", (0.6, 0.7))
     # the cost table's C_k are what fvcore counts on the extracted model directly
-    assert model_segment_macs(model, (3, 8, 8)) == list(a.exit_macs)
+    assert model_segment_macs(model, (3, 8, 8)) == list(a.exit_costs)
 
 
 def test_cache_on_disk_is_keyed_compact_and_reused(trained):
@@ -232,10 +232,10 @@ def test_score_by_hand():
     assert idx.tolist() == [0, 1, 1, 2] and pred_d.tolist() == [0, 1, 2, 3]
     s = score(cache, arch, Costs())
     assert s.accuracy == 3 / 4
-    assert s.expected_macs == (10 + 25 + 25 + 40) / 4
+    assert s.expected_cost == (10 + 25 + 25 + 40) / 4
     assert s.exit_fractions == (0.25, 0.5, 0.25)
     assert s.exit_accuracy == (2 / 4, 3 / 4, 3 / 4)
-    assert s.exit_macs == (10, 25, 40)
+    assert s.exit_costs == (10, 25, 40)
     assert cache.rows(arch).tolist() == [0, 2, 3]
     with pytest.raises(ValueError, match="not in the cache"):
         cache.rows(Arch(depths=(2, 2), exits=(Exit(0, 0, "mlp"),), thresholds=(0.5,)))
@@ -284,7 +284,7 @@ def test_extract_after_a_cache_hit_has_fresh_bn_statistics(trained, tmp_path):
     costs = cost_table(space)
     from_model = ArchStats.from_model(got, batches(splits.val, batch_size=space.data.eval_batch_size,
                                                    mean=splits.mean, std=splits.std),
-                                      exit_macs=costs.exit_costs(arch), backbone_macs=costs.backbone())
+                                      costs=costs, arch=arch)
     from_cache = ArchStats.from_cache(hit, arch, costs)
     assert np.array_equal(from_model.conf, from_cache.conf)
     assert np.array_equal(from_model.pred, from_cache.pred)

@@ -173,7 +173,7 @@ def test_the_fine_tuned_model_exports_and_its_runtime_scores_the_same(run, tmp_p
     acc = float((got.pred == splits.val.labels.numpy()).mean())
     val = result.manifest["val"]
     assert acc == pytest.approx(val["accuracy"], abs=1e-12)
-    assert float(got.macs.mean()) == pytest.approx(val["expected_macs"], rel=1e-12)
+    assert float(got.cost.mean()) == pytest.approx(val["expected_macs"], rel=1e-12)
 
 
 def test_finished_run_writes_nothing_and_other_thresholds_refit_only_arch_json(run):

@@ -135,16 +135,18 @@ def test_a_fitted_policy_registered_here_is_fitted_like_max_softmax(scratch_regi
     stats = ArchStats(conf, np.zeros_like(conf), rng.integers(0, 3, (3, 500)),
                       rng.integers(0, 3, 500), (100, 300, 700), 600)
     for budget in (250.0, 450.0):
-        want = fit_thresholds(stats, budget_macs=budget, value_range=(0.2, 1.0))
-        got = fit_thresholds(stats, budget_macs=budget, policy="conf_copy", value_range=(0.2, 1.0))
+        want = fit_thresholds(stats, budget=budget, value_range=(0.2, 1.0))
+        got = fit_thresholds(stats, budget=budget, policy="conf_copy", value_range=(0.2, 1.0))
         assert got == want and got.start in ("sweep", "budgeted_batch")
     space = load_space(TINY, {"policy.names": ["conf_copy", "patience"],
                               "policy.conf_copy_range": [0.3, 0.9]})
     from exitnas.search import Genome
     from exitnas.search._objective import Fitter
 
+    from exitnas.units import MACS
+
     class Budget:
-        deploy_macs, backbone_macs = (500.0,), 600
+        deploy, backbone, unit = (500.0,), 600, MACS
 
     assert Fitter.from_space(space, Budget()).ranges == {"conf_copy": (0.3, 0.9)}
     evolved = Genome(space.with_overrides({"search.thresholds": "evolved"}))

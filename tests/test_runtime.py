@@ -51,12 +51,12 @@ def test_predictions_exits_and_macs_equal_the_model(exported, predictors, backen
     assert counts.min() >= 5, counts  # every exit is really taken
     costs = cost_table(exported["space"]).exit_costs(exported["arch"])
     assert costs == model_segment_macs(model, (3, 8, 8))
-    assert np.array_equal(got.macs, np.asarray(costs)[got.exit])
+    assert np.array_equal(got.cost, np.asarray(costs)[got.exit])
     for i in range(0, len(x), 9):  # batch 1
         one = p.predict(_native(x[i:i + 1], backend))
         assert (one.pred[0], one.exit[0]) == (ref.pred[i], ref.exit[i])
     empty = p.predict(_native(x[:0], backend))
-    assert empty.pred.shape == empty.exit.shape == empty.macs.shape == (0,)
+    assert empty.pred.shape == empty.exit.shape == empty.cost.shape == (0,)
 
 
 def _between(values, q: float) -> float:
@@ -489,8 +489,8 @@ onnx = rt.load(sys.argv[2], backend="onnx").predict(x)
 no_torch = not any(m.split(".")[0] in ("torch", "exitnas") for m in sys.modules)
 block.blocked = {"exitnas"}
 pt2 = rt.load(sys.argv[2], backend="pt2").predict(x)
-print(json.dumps({"onnx": [onnx.pred.tolist(), onnx.exit.tolist(), onnx.macs.tolist()],
-                  "pt2": [pt2.pred.tolist(), pt2.exit.tolist(), pt2.macs.tolist()],
+print(json.dumps({"onnx": [onnx.pred.tolist(), onnx.exit.tolist(), onnx.cost.tolist()],
+                  "pt2": [pt2.pred.tolist(), pt2.exit.tolist(), pt2.cost.tolist()],
                   "no_torch_for_onnx": no_torch, "error_base": rt.ExportError.__mro__[1].__name__,
                   "exitnas": sorted(m for m in sys.modules if m.startswith("exitnas"))}))
 """

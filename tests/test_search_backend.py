@@ -16,7 +16,7 @@ def test_search_context_holds_what_run_search_resolved(tiny_run):
     ctx = search_context(tiny_run, SearchOptions(trials=7, budget="0.8", seed=3), log=None)
     assert isinstance(ctx, SearchContext)
     assert (ctx.n_trials, ctx.seed, ctx.backend, ctx.sampler) == (7, 3, "optuna", "nsga2")
-    assert ctx.budget.expected_macs == pytest.approx(0.8 * ctx.costs.backbone())
+    assert ctx.budget.expected == pytest.approx(0.8 * ctx.costs.backbone())
     assert ctx.weights == tiny_run / "supernet" / "weights.safetensors"
     assert ctx.storage.spec.journal == str((tiny_run / "search" / "study.log").resolve())
     assert ctx.study._storage is ctx.storage.optuna  # on the opened storage (private: a test may)

@@ -33,8 +33,8 @@ def test_cheapest_cost_is_the_cheapest_first_exit(tiny_space):
     assert low_expected == brute
     cheapest_head = min(costs.heads[(0, 0, h)] for h in tiny_space.exits.heads)
     assert low_path == costs.backbone((1, 1)) + cheapest_head  # min_exits = 1
-    assert resolve_budget(tiny_space, costs, budget=str(brute)).expected_macs == brute
+    assert resolve_budget(tiny_space, costs, budget=str(brute)).expected == brute
     with pytest.raises(BudgetError, match=f"{brute:,}"):
         resolve_budget(tiny_space, costs, budget=str(brute - 1))
     b = resolve_budget(tiny_space, costs, budget="0.5", path_budget="0.95")
-    assert (b.expected_macs, b.path_macs) == (0.5 * costs.backbone(), 0.95 * costs.backbone())
+    assert (b.expected, b.path) == (0.5 * costs.backbone(), 0.95 * costs.backbone())

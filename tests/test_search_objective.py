@@ -74,8 +74,8 @@ def test_every_trials_fitted_thresholds_score_what_it_recorded(searched):
         assert [f["fraction"] for f in fits] == pytest.approx(list(BUDGETS))
         for f in fits:
             s = score(cache, arch.with_thresholds(tuple(f["thresholds"])), costs)
-            assert (s.accuracy, s.expected_macs) == (f["accuracy"], f["expected_macs"])
-            assert f["feasible"] == (s.expected_macs <= f["budget_macs"])
+            assert (s.accuracy, s.expected_cost) == (f["accuracy"], f["expected_macs"])
+            assert f["feasible"] == (s.expected_cost <= f["budget_macs"])
         assert tuple(fits[-1]["thresholds"]) == arch.thresholds
         want = sum(f["accuracy"] if f["feasible"] else 0.0 for f in fits) / len(fits)
         assert t.values[0] == pytest.approx(want, abs=1e-12)

@@ -41,11 +41,11 @@ def budgeted_best(stats: ArchStats, budget: float) -> float:
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 0.75])
 def test_fit_is_feasible_and_never_below_either_start(seed, fraction):
     stats = make_stats(seed)
-    budget = fraction * stats.backbone_macs
-    fit = fit_thresholds(stats, budget_macs=budget)
-    assert fit.feasible and fit.expected_macs <= budget
+    budget = fraction * stats.backbone_cost
+    fit = fit_thresholds(stats, budget=budget)
+    assert fit.feasible and fit.expected_cost <= budget
     s = stats.score("max_softmax", fit.thresholds)
-    assert (s.accuracy, s.expected_macs) == (fit.accuracy, fit.expected_macs)
+    assert (s.accuracy, s.expected_cost) == (fit.accuracy, fit.expected_cost)
     # the protocols' sweep uses unrounded thresholds: allow the 4-decimal grid's rounding
     for start in (sweep_best(stats, fraction), budgeted_best(stats, fraction)):
         if np.isfinite(start):
@@ -58,8 +58,8 @@ def test_fit_is_feasible_and_never_below_either_start(seed, fraction):
 def test_no_single_threshold_change_does_better(seed, policy):
     stats = make_stats(seed, k=4, n=300, entropy=True)
     lo, hi = (0.0, 1.0) if policy == "max_softmax" else (0.0, 2.0)
-    budget = 0.5 * stats.backbone_macs
-    fit = fit_thresholds(stats, budget_macs=budget, policy=policy, value_range=(lo, hi))
+    budget = 0.5 * stats.backbone_cost
+    fit = fit_thresholds(stats, budget=budget, policy=policy, value_range=(lo, hi))
     assert fit.feasible
     grid = np.round(np.arange(round(lo * 10**DECIMALS), round(hi * 10**DECIMALS) + 1)
                     / 10**DECIMALS, DECIMALS)
@@ -74,13 +74,13 @@ def test_no_single_threshold_change_does_better(seed, policy):
             ts = list(fit.thresholds)
             ts[k] = float(t)
             s = stats.score(policy, ts)
-            if s.expected_macs <= budget:
+            if s.expected_cost <= budget:
                 assert s.accuracy <= fit.accuracy, (k, t, s.accuracy, fit.accuracy)
 
 
 def test_thresholds_survive_the_arch_id():
     stats = make_stats(0, k=3)
-    fit = fit_thresholds(stats, budget_macs=0.5 * stats.backbone_macs)
+    fit = fit_thresholds(stats, budget=0.5 * stats.backbone_cost)
     arch = Arch.from_id("d1.1~s0b0=linear,s0b1=linear~max_softmax=0.5,0.5")
     back = Arch.from_id(arch.with_thresholds(fit.thresholds).id)
     assert back.thresholds == fit.thresholds
@@ -89,15 +89,15 @@ def test_thresholds_survive_the_arch_id():
 
 def test_a_budget_below_the_first_exit_is_infeasible_and_cheapest():
     stats = make_stats(1)
-    fit = fit_thresholds(stats, budget_macs=stats.exit_macs[0] - 1)
+    fit = fit_thresholds(stats, budget=stats.exit_costs[0] - 1)
     assert not fit.feasible
-    assert fit.expected_macs == stats.exit_macs[0]  # everybody leaves at the first exit
+    assert fit.expected_cost == stats.exit_costs[0]  # everybody leaves at the first exit
 
 
 def test_no_early_exit_scores_the_final_exit():
     stats = make_stats(2, k=2)
     one = ArchStats(stats.conf[1:], stats.entropy[1:], stats.pred[1:], stats.labels,
-                    stats.exit_macs[1:], stats.backbone_macs)
-    fit = fit_thresholds(one, budget_macs=one.backbone_macs)
+                    stats.exit_costs[1:], stats.backbone_cost)
+    fit = fit_thresholds(one, budget=one.backbone_cost)
     assert fit.thresholds == () and fit.feasible
     assert fit.accuracy == one.exit_accuracy[0]

@@ -86,20 +86,22 @@ class Predict:
             except ExportError as err:
                 raise DataError(str(err)) from None
             res = predictor.predict(predictor.preprocess(images))
-            for (path, label), pred, ex, macs in zip(chunk, res.pred, res.exit, res.macs):
+            num = int if predictor.cost_unit == "macs" else float
+            for (path, label), pred, ex, cost in zip(chunk, res.pred, res.exit, res.cost):
                 rows.append({"file": str(path), "label": label,
                              "pred": predictor.classes[int(pred)], "exit": int(ex),
-                             "exit_name": predictor.exit_names[int(ex)], "macs": int(macs)})
+                             "exit_name": predictor.exit_names[int(ex)],
+                             predictor.cost_unit: num(cost)})
         _print(rows, predictor, args.format)
 
 
 def _summary(rows: list[dict], predictor) -> dict:
-    n = len(rows)
-    mean = sum(r["macs"] for r in rows) / n
+    n, unit = len(rows), predictor.cost_unit
+    mean = sum(r[unit] for r in rows) / n
     counts = [sum(r["exit"] == k for r in rows) for k in range(predictor.num_exits)]
     known = set(predictor.classes)  # folder names that are not class names are no labels
     labelled = [r for r in rows if r["label"] in known]
-    out = {"images": n, "mean_macs": mean, "relative_macs": mean / predictor.backbone_macs,
+    out = {"images": n, f"mean_{unit}": mean, f"relative_{unit}": mean / predictor.backbone_cost,
            "exit_counts": dict(zip(predictor.exit_names, counts))}
     if labelled:
         out["accuracy"] = sum(r["label"] == r["pred"] for r in labelled) / len(labelled)
@@ -112,11 +114,13 @@ def _print(rows: list[dict], predictor, fmt: str) -> None:
         print(json.dumps({"predictions": rows, "summary": summary}, indent=2))
         return
     width = max(len("file"), *(len(r["file"]) for r in rows))
-    print(f"{'file':<{width}}  {'pred':<12}{'exit':<16}{'MACs':>14}")
+    unit, label = predictor.cost_unit, predictor.cost_label
+    shown = ",.0f" if unit == "macs" else ",.4g"
+    print(f"{'file':<{width}}  {'pred':<12}{'exit':<16}{label:>14}")
     for r in rows:
-        print(f"{r['file']:<{width}}  {r['pred']:<12}{r['exit_name']:<16}{r['macs']:>14,}")
-    line = (f"{summary['images']} images, mean {summary['mean_macs']:,.0f} MACs "
-            f"({summary['relative_macs']:.3f} of the backbone); exits: "
+        print(f"{r['file']:<{width}}  {r['pred']:<12}{r['exit_name']:<16}{r[unit]:>14{shown}}")
+    line = (f"{summary['images']} images, mean {summary[f'mean_{unit}']:{shown}} {label} "
+            f"({summary[f'relative_{unit}']:.3f} of the backbone); exits: "
             + ", ".join(f"{k} {v}" for k, v in summary["exit_counts"].items()))
     if "accuracy" in summary:
         line += f"; accuracy {summary['accuracy']:.3f} (labels from class-named folders)"

@@ -6,11 +6,12 @@ Runs alone, under torchrun, or on Ray Train workers with ``--backend ray``
 from __future__ import annotations
 
 from . import add_set_argument, command, parse_sets
+from ..units import unit_of
 from .train import add_backend_arguments, run_training
 
 
 @command("finetune", help="fine-tune an arch from its inherited supernet weights and re-fit "
-                          "its thresholds for the same expected MACs")
+                          "its thresholds for the same expected cost")
 class Finetune:
     @staticmethod
     def add_arguments(p):
@@ -46,10 +47,12 @@ class Finetune:
 
         def describe(result) -> str:
             val, inh = result.manifest["val"], result.manifest["inherited"]
+            unit = unit_of(result.manifest["cost_unit"])
+            cost = unit.name("expected")
             return (f"fine-tuned ({result.regime}, {result.manifest['epochs']} epochs): "
                     f"{result.arch.id}\n"
-                    f"val acc {val['accuracy']:.4f} at {val['expected_macs']:,.0f} MACs "
-                    f"(inherited {inh['accuracy']:.4f} at {inh['expected_macs']:,.0f})\n"
+                    f"val acc {val['accuracy']:.4f} at {unit.show(val[cost])} "
+                    f"(inherited {inh['accuracy']:.4f} at {unit.show(inh[cost])})\n"
                     f"outputs: {result.out}/{{model.safetensors,arch.json,metrics.csv}}\n"
                     f"next: exitnas export {args.run_dir} --arch {result.out}/arch.json "
                     f"--weights {result.out}/model.safetensors")

@@ -10,7 +10,7 @@ from . import command
 from ..errors import RunDirError
 
 
-@command("search", help="multi-objective NSGA-II search over the trained supernet under a MACs "
+@command("search", help="multi-objective NSGA-II search over the trained supernet under a cost "
                         "budget (rerun to continue)")
 class Search:
     @staticmethod
@@ -18,9 +18,10 @@ class Search:
         p.add_argument("run_dir", metavar="RUN_DIR")
         p.add_argument("--trials", type=int, help="complete trials the study should hold "
                        "(default: search.trials)")
-        p.add_argument("--budget", help="expected-MACs budget: <= 1 is a fraction of the "
-                       "backbone's MACs, else MACs (20M, 1.5G); default: search.budget_*")
-        p.add_argument("--path-budget", help="worst-case path MACs budget, same units")
+        p.add_argument("--budget", help="expected-cost budget: <= 1 is a fraction of the "
+                       "backbone's cost, else an amount in the cost model's unit (20M, 1.5G "
+                       "MACs; 3.5ms); default: search.budget / search.budget_fraction")
+        p.add_argument("--path-budget", help="worst-case path budget, same units")
         p.add_argument("--backend", choices=("optuna", "ray"), help="default: search.backend")
         p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
         p.add_argument("--storage", help="SQLAlchemy URL or journal file (default: $EXITNAS_STORAGE, "

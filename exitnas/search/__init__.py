@@ -1,11 +1,11 @@
-"""Search: multi-objective NSGA-II over the trained supernet under a MACs budget.
+"""Search: multi-objective NSGA-II over the trained supernet under a cost budget.
 
     from exitnas.search import SearchOptions, run_search
     result = run_search("runs/quick", SearchOptions(trials=200, budget="0.6"))
 
-Objectives: validation accuracy (max) and expected MACs per sample (min), scored from cached
-exit statistics; constraints: expected MACs <= budget, optionally worst-case path MACs <= a
-second budget. Backends (:class:`Backend`, each given one :class:`SearchContext`): in-process
+Objectives: validation accuracy (max) and expected cost per sample (min; in the unit of the
+space's cost model: MACs, ms), scored from cached exit statistics; constraints: expected cost <=
+budget, optionally worst-case path cost <= a second budget. Backends (:class:`Backend`, each given one :class:`SearchContext`): in-process
 Optuna (default) or Ray Tune (``backend="ray"``). The study lives in ``RUN/search/study.log``
 (an Optuna journal file) or any storage URL.
 
@@ -19,7 +19,7 @@ from ._backend import BACKENDS, Backend, BackendResult, SearchContext, register_
 from ._budget import Budget, cheapest_costs, parse_macs, resolve_budget
 from ._front import FrontSummary, hypervolume_2d, pareto_front, summarise, write_outputs
 from ._genome import Genome
-from ._objective import DIRECTIONS, METRIC_NAMES, CacheStore, Objective, TrialRecord
+from ._objective import DIRECTIONS, CacheStore, Objective, TrialRecord, metric_names
 from ._run import SearchOptions, SearchResult, open_study, run_search, search_context
 from ._sampler import SAMPLERS, make_sampler
 from ._storage import OpenedStorage, StorageSpec, fail_stale_trials, parse_storage
@@ -27,7 +27,7 @@ from ._storage import OpenedStorage, StorageSpec, fail_stale_trials, parse_stora
 __all__ = ["BACKENDS", "Backend", "BackendResult", "SearchContext", "register_backend", "Budget",
            "cheapest_costs", "parse_macs", "resolve_budget", "FrontSummary",
            "hypervolume_2d", "pareto_front", "summarise", "write_outputs", "Genome",
-           "DIRECTIONS", "METRIC_NAMES", "CacheStore", "Objective", "TrialRecord",
+           "DIRECTIONS", "metric_names", "CacheStore", "Objective", "TrialRecord",
            "SearchOptions", "SearchResult", "open_study", "run_search", "search_context",
            "SAMPLERS", "make_sampler", "OpenedStorage", "StorageSpec", "fail_stale_trials",
            "parse_storage"]

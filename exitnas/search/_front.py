@@ -4,16 +4,18 @@ Files: ``trials.csv`` (every complete trial), ``front.csv`` / ``front.md`` (the 
 non-dominated trials, cheapest first; one row per distinct architecture), ``front.png`` (all
 trials, the front and the budget) and ``hypervolume.json``.
 
-Hypervolume is taken in the plane (accuracy, relative cost = expected MACs / backbone MACs),
-both normalised to [0, 1]-ish so runs of different spaces compare, with the reference point
-(accuracy 0, relative cost = the expected-MACs budget as a fraction of the backbone): the area
-that the front dominates inside the feasible box.
+Hypervolume is taken in the plane (accuracy, relative cost = expected cost / the backbone's
+cost), both normalised to [0, 1]-ish so runs of different spaces compare, with the reference point
+(accuracy 0, relative cost = the expected-cost budget as a fraction of the backbone): the area
+that the front dominates inside the feasible box. Cost columns name the cost model's unit
+(``expected_macs``, ``path_ms``...).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..units import MACS, Unit
 from ._budget import Budget
 
 
@@ -26,8 +28,9 @@ class FrontSummary:
     reference: dict
 
 
-def trial_rows(study) -> list[dict]:
-    """One dict per COMPLETE trial that carries exitnas' user attributes."""
+def trial_rows(study, unit: Unit = MACS) -> list[dict]:
+    """One dict per COMPLETE trial that carries exitnas' user attributes (costs in
+    ``unit``, the study's)."""
     from optuna.trial import TrialState
 
     rows = []
@@ -38,19 +41,19 @@ def trial_rows(study) -> list[dict]:
         feasible = all(v <= 0 for v in t.constraints.values()) if t.constraints \
             else bool(ua.get("feasible", True))
         rows.append({"trial": t.number, "arch_id": ua["arch_id"], "accuracy": t.values[0],
-                     "expected_macs": t.values[1], "relative_cost": ua["relative_cost"],
-                     "path_macs": ua["path_macs"], "feasible": feasible,
+                     unit.name("expected"): t.values[1], "relative_cost": ua["relative_cost"],
+                     unit.name("path"): ua[unit.name("path")], "feasible": feasible,
                      "n_exits": len(ua["arch"]["exits"]),
                      "exit_accuracy": ";".join(f"{a:.3f}" for a in ua["exit_accuracy"])})
     return rows
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Feasible rows not dominated in (accuracy max, expected MACs min), cheapest first; the
+def pareto_front(rows: list[dict], unit: Unit = MACS) -> list[dict]:
+    """Feasible rows not dominated in (accuracy max, expected cost min), cheapest first; the
     earliest trial of each distinct architecture / point."""
-    best, out = -1.0, []
+    best, out, key = -1.0, [], unit.name("expected")
     for r in sorted((r for r in rows if r["feasible"]),
-                    key=lambda r: (r["expected_macs"], -r["accuracy"], r["trial"])):
+                    key=lambda r: (r[key], -r["accuracy"], r["trial"])):
         if r["accuracy"] > best:
             out.append(r)
             best = r["accuracy"]
@@ -70,16 +73,16 @@ def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) 
 
 
 def reference_point(budget: Budget, rows: list[dict]) -> dict:
-    if budget.expected_macs is not None:
-        cost = budget.expected_macs / budget.backbone_macs
+    if budget.expected is not None:
+        cost = budget.expected / budget.backbone
     else:  # no budget: the costliest trial seen bounds the box
         cost = max((r["relative_cost"] for r in rows), default=1.0)
     return {"accuracy": 0.0, "relative_cost": cost}
 
 
 def summarise(study, budget: Budget) -> FrontSummary:
-    rows = trial_rows(study)
-    front = pareto_front(rows)
+    rows = trial_rows(study, budget.unit)
+    front = pareto_front(rows, budget.unit)
     ref = reference_point(budget, rows)
     hv = hypervolume_2d([(r["accuracy"], r["relative_cost"]) for r in front],
                         (ref["accuracy"], ref["relative_cost"]))
@@ -87,9 +90,10 @@ def summarise(study, budget: Budget) -> FrontSummary:
                         front=front, hypervolume=hv, reference=ref)
 
 
-def write_outputs(folder: Path, study, budget: Budget, *, study_name: str,
-                  storage: str) -> FrontSummary:
-    """Write trials.csv, front.csv, front.md, front.png and hypervolume.json (atomically)."""
+def write_outputs(folder: Path, study, budget: Budget, *, study_name: str, storage: str,
+                  counted: str = "") -> FrontSummary:
+    """Write trials.csv, front.csv, front.md, front.png and hypervolume.json (atomically);
+    ``counted``: what the costs are (the cost table's words)."""
     import pandas as pd
 
     from ..io import atomic_path, atomic_write_json, atomic_write_text
@@ -97,9 +101,10 @@ def write_outputs(folder: Path, study, budget: Budget, *, study_name: str,
 
     folder.mkdir(parents=True, exist_ok=True)
     s = summarise(study, budget)
-    rows = trial_rows(study)
+    u = budget.unit
+    rows = trial_rows(study, u)
     on_front = {r["trial"] for r in s.front}
-    cols = ["trial", "arch_id", "accuracy", "expected_macs", "relative_cost", "path_macs",
+    cols = ["trial", "arch_id", "accuracy", u.name("expected"), "relative_cost", u.name("path"),
             "feasible", "n_exits", "exit_accuracy"]
     trials = pd.DataFrame(rows, columns=cols).sort_values("trial")
     trials["on_front"] = trials["trial"].isin(on_front)
@@ -111,20 +116,21 @@ def write_outputs(folder: Path, study, budget: Budget, *, study_name: str,
     lines = [f"# Pareto front — study `{study_name}`", "",
              f"Storage: `{storage}`. {s.trials} complete trials, {s.feasible} feasible, "
              f"{len(s.front)} on the feasible front.",
-             f"Backbone: {b['backbone_macs']:,} MACs (fvcore, batch 1). Budget: "
-             + (f"expected MACs <= {b['expected_macs']:,.0f} ({b['expected_fraction']:.3f} of the "
-                "backbone)" if b["expected_macs"] is not None else "none")
-             + (f"; worst-case path MACs <= {b['path_macs']:,.0f}" if b["path_macs"] else "") + ".",
+             f"Backbone: {u.show(budget.backbone)}" + (f" ({counted})" if counted else "")
+             + ". Budget: "
+             + (f"expected cost <= {budget.show(budget.expected)}"
+                if budget.expected is not None else "none")
+             + (f"; worst-case path <= {u.show(budget.path)}" if budget.path else "") + ".",
              f"Hypervolume in (accuracy, relative cost): {s.hypervolume:.4f}, reference point "
              f"(accuracy {s.reference['accuracy']}, relative cost "
              f"{s.reference['relative_cost']:.3f}).", "",
-             markdown(front[["trial", "accuracy", "expected_macs", "relative_cost", "n_exits",
+             markdown(front[["trial", "accuracy", u.name("expected"), "relative_cost", "n_exits",
                              "arch_id"]], digits=3)]
     atomic_write_text(folder / "front.md", "\n".join(lines))
     atomic_write_json(folder / "hypervolume.json", {
         "hypervolume": s.hypervolume,
-        "objectives": ["accuracy (maximise)", "relative_cost = expected MACs / backbone MACs "
-                       "(minimise)"],
+        "objectives": ["accuracy (maximise)", f"relative_cost = expected {u.label} / backbone "
+                       f"{u.label} (minimise)"],
         "reference_point": s.reference, "front_size": len(s.front), "trials": s.trials,
         "feasible_trials": s.feasible, "budget": b, "study": study_name})
     _plot(folder / "front.png", trials, front, budget)
@@ -147,10 +153,9 @@ def _plot(path: Path, trials, front, budget: Budget) -> None:
     if len(front):
         ax.step(front["relative_cost"], front["accuracy"], where="post", c="#c0392b",
                 marker="o", ms=4, label="feasible Pareto front")
-    if budget.expected_macs is not None:
-        ax.axvline(budget.expected_macs / budget.backbone_macs, ls="--", c="k", lw=1,
-                   label="budget")
-    ax.set_xlabel("expected MACs / backbone MACs")
+    if budget.expected is not None:
+        ax.axvline(budget.expected / budget.backbone, ls="--", c="k", lw=1, label="budget")
+    ax.set_xlabel(f"expected {budget.unit.label} / backbone {budget.unit.label}")
     ax.set_ylabel("validation accuracy")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)

@@ -1,19 +1,21 @@
 """Scoring a trial: cached exit statistics -> objectives, constraints and user attributes.
 
-Objectives: validation accuracy (maximise) and expected MACs per sample (minimise). With
+Objectives: validation accuracy (maximise) and expected cost per sample (minimise), in the cost
+model's unit (study metric names ``accuracy`` and ``expected_<unit>``: ``expected_macs``). With
 ``search.thresholds: fitted`` (default) the trial's exit thresholds are fitted on val for every
 deploy budget (:class:`Fitter`); the accuracy objective is the mean over the deploy budgets of
 the fitted accuracy (0 at a budget the arch cannot meet), the trial's arch carries the
-thresholds of the largest budget, and its expected MACs are theirs. Each budget's fit is kept
+thresholds of the largest budget, and its expected cost is theirs. Each budget's fit is kept
 in ``user_attrs["fits"]`` (and ``val_acc@<fraction>``), which is what deployment picks from.
-With ``evolved`` thresholds the accuracy is the arch's own under its genes' thresholds. Constraints (Optuna's ``trial.set_constraint``; feasible when <= 0): expected
-MACs <= budget and, when set, worst-case path MACs <= the path budget. optuna-dashboard 0.21
+With ``evolved`` thresholds the accuracy is the arch's own under its genes' thresholds. Constraints (Optuna's ``trial.set_constraint``; feasible when <= 0, named
+``expected_<unit>`` / ``path_<unit>``): expected cost <= budget and, when set, worst-case path
+cost <= the path budget. optuna-dashboard 0.21
 reads feasibility only from the ``constraints`` system attribute, the list Optuna's older
 ``constraints_func`` wrote, so the same values are written there too (Optuna 5 reads both
 formats: ``trial.constraints`` then holds each value twice, by name and by index, and
 feasibility, NSGA-II's constrained domination order and ``study.best_trials`` are unchanged).
-The facts also go into ``user_attrs`` (``feasible``, ``macs``, ``relative_cost``,
-``arch_id``...).
+The facts also go into ``user_attrs`` (``feasible``, ``<unit>`` (the expected cost: ``macs``,
+``ms``), ``relative_cost``, ``path_<unit>``, ``cost_unit``, ``arch_id``...).
 
 The statistics of a depth setting come from :class:`CacheStore`: one pass of the supernet
 (BatchNorm recalibrated first) through ``exitnas.evaluate.load_or_build_cache``, kept in memory
@@ -29,13 +31,18 @@ from typing import Any, Callable, Mapping
 from ..arch import Arch
 from ..cost import CostTable
 from ..evaluate import ArchStats, ExitCache, load_or_build_cache, score
+from ..units import MACS, Unit, unit_of
 from ._budget import Budget
 from ._internals import set_trial_system_attr
 
-METRIC_NAMES = ("accuracy", "expected_macs")
 DIRECTIONS = ("maximize", "minimize")
 # optuna.study._constrained_optimization._CONSTRAINTS_KEY; optuna_dashboard._serializer reads it
 DASHBOARD_CONSTRAINTS_KEY = "constraints"
+
+
+def metric_names(unit: Unit) -> list[str]:
+    """The study's objective names for costs in ``unit``."""
+    return ["accuracy", unit.name("expected")]
 
 
 class CacheStore:
@@ -88,13 +95,14 @@ class TrialRecord:
 
     arch: Arch
     accuracy: float
-    expected_macs: float
+    expected_cost: float
     relative_cost: float
-    path_macs: int
+    path_cost: float
     exit_accuracy: tuple[float, ...]
     exit_fractions: tuple[float, ...]
     constraints: dict[str, float]
     fits: tuple[dict, ...] = field(default=())  # per deploy budget (Fitter.fit)
+    unit: Unit = MACS
 
     @property
     def feasible(self) -> bool:
@@ -102,12 +110,13 @@ class TrialRecord:
 
     @property
     def values(self) -> list[float]:
-        return [self.accuracy, self.expected_macs]
+        return [self.accuracy, self.expected_cost]
 
     def user_attrs(self) -> dict[str, Any]:
-        return {"arch_id": self.arch.id, "arch": self.arch.to_json(),
-                "macs": self.expected_macs, "relative_cost": self.relative_cost,
-                "path_macs": self.path_macs, "exit_accuracy": list(self.exit_accuracy),
+        u = self.unit
+        return {"arch_id": self.arch.id, "arch": self.arch.to_json(), "cost_unit": u.key,
+                u.key: self.expected_cost, "relative_cost": self.relative_cost,
+                u.name("path"): self.path_cost, "exit_accuracy": list(self.exit_accuracy),
                 "exit_fractions": list(self.exit_fractions), "feasible": self.feasible,
                 "fits": list(self.fits),
                 **{f"val_acc@{f['fraction']:.3g}": f["accuracy"] for f in self.fits}}
@@ -123,30 +132,32 @@ class TrialRecord:
                               [float(v) for v in self.constraints.values()])
 
     def to_json(self) -> dict[str, Any]:
-        return {"arch": self.arch.to_json(), "accuracy": self.accuracy,
-                "expected_macs": self.expected_macs, "relative_cost": self.relative_cost,
-                "path_macs": self.path_macs, "exit_accuracy": list(self.exit_accuracy),
+        return {"arch": self.arch.to_json(), "accuracy": self.accuracy, "unit": self.unit.key,
+                "expected_cost": self.expected_cost, "relative_cost": self.relative_cost,
+                "path_cost": self.path_cost, "exit_accuracy": list(self.exit_accuracy),
                 "exit_fractions": list(self.exit_fractions), "constraints": self.constraints,
                 "fits": list(self.fits)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrialRecord":
         return cls(arch=Arch.from_json(data["arch"]), accuracy=data["accuracy"],
-                   expected_macs=data["expected_macs"], relative_cost=data["relative_cost"],
-                   path_macs=data["path_macs"], exit_accuracy=tuple(data["exit_accuracy"]),
+                   expected_cost=data["expected_cost"], relative_cost=data["relative_cost"],
+                   path_cost=data["path_cost"], exit_accuracy=tuple(data["exit_accuracy"]),
                    exit_fractions=tuple(data["exit_fractions"]),
-                   constraints=dict(data["constraints"]), fits=tuple(data.get("fits", ())))
+                   constraints=dict(data["constraints"]), fits=tuple(data.get("fits", ())),
+                   unit=unit_of(data["unit"]))
 
 
 @dataclass(frozen=True)
 class Fitter:
-    """Fits a trial's thresholds on val for each deploy budget (``budgets``, MACs,
+    """Fits a trial's thresholds on val for each deploy budget (``budgets``, in ``unit``,
     ascending); ``ranges`` holds the threshold ranges of the space's fitted policies
     (``Policy.fitted``)."""
 
     budgets: tuple[float, ...]
     ranges: Mapping[str, tuple[float, float]]
-    backbone_macs: int
+    backbone: float
+    unit: Unit = MACS
 
     @classmethod
     def from_space(cls, space, budget: Budget) -> "Fitter | None":
@@ -155,26 +166,27 @@ class Fitter:
         from ..policy import get_policy
 
         fitted = [p for p in map(get_policy, space.policy.names) if p.fitted]
-        return cls(budget.deploy_macs, {p.name: p.param_range(space.policy) for p in fitted},
-                   budget.backbone_macs)
+        return cls(budget.deploy, {p.name: p.param_range(space.policy) for p in fitted},
+                   budget.backbone, budget.unit)
 
     def fit(self, cache: ExitCache, arch: Arch, costs: CostTable) -> tuple[Arch, tuple[dict, ...]]:
-        """(arch with the largest budget's thresholds, one dict per budget: budget_macs,
-        fraction, thresholds, accuracy, expected_macs, feasible)."""
+        """(arch with the largest budget's thresholds, one dict per budget: budget_<unit>,
+        fraction, thresholds, accuracy, expected_<unit>, feasible)."""
         from ..thresholds import fit_budgets
 
         if arch.policy in self.ranges:
-            fits = fit_budgets(ArchStats.from_cache(cache, arch, costs), budgets_macs=self.budgets,
+            fits = fit_budgets(ArchStats.from_cache(cache, arch, costs), budgets=self.budgets,
                                policy=arch.policy, value_range=self.ranges[arch.policy])
-            rows = [(f.thresholds, f.accuracy, f.expected_macs, f.feasible) for f in fits]
+            rows = [(f.thresholds, f.accuracy, f.expected_cost, f.feasible) for f in fits]
             arch = arch.with_thresholds(fits[-1].thresholds)
         else:  # a policy that is not fitted (patience): the arch's own rule at every budget
             s = score(cache, arch, costs)
-            rows = [(arch.thresholds, s.accuracy, s.expected_macs, s.expected_macs <= b)
+            rows = [(arch.thresholds, s.accuracy, s.expected_cost, s.expected_cost <= b)
                     for b in self.budgets]
-        return arch, tuple({"budget_macs": b, "fraction": b / self.backbone_macs,
+        n = self.unit.name
+        return arch, tuple({n("budget"): b, "fraction": b / self.backbone,
                             "thresholds": list(t), "accuracy": float(a),
-                            "expected_macs": float(m), "feasible": bool(ok)}
+                            n("expected"): float(m), "feasible": bool(ok)}
                            for b, (t, a, m, ok) in zip(self.budgets, rows))
 
 
@@ -195,10 +207,11 @@ class Objective:
         accuracy = float(s.accuracy)
         if fits:
             accuracy = sum(f["accuracy"] if f["feasible"] else 0.0 for f in fits) / len(fits)
-        path = int(s.exit_macs[-1])
+        path = s.exit_costs[-1]
         return TrialRecord(arch=arch, accuracy=accuracy,
-                           expected_macs=float(s.expected_macs),
-                           relative_cost=float(s.expected_macs) / self.budget.backbone_macs,
-                           path_macs=path, exit_accuracy=tuple(map(float, s.exit_accuracy)),
+                           expected_cost=float(s.expected_cost),
+                           relative_cost=float(s.expected_cost) / self.budget.backbone,
+                           path_cost=path, exit_accuracy=tuple(map(float, s.exit_accuracy)),
                            exit_fractions=tuple(map(float, s.exit_fractions)),
-                           constraints=self.budget.constraints(s.expected_macs, path), fits=fits)
+                           constraints=self.budget.constraints(s.expected_cost, path), fits=fits,
+                           unit=self.budget.unit)

@@ -44,7 +44,7 @@ from ._internals import (adopt_trial, local_ray_init_kwargs, refresh_ray_config,
                          searcher_completed, searcher_study, searcher_trials,
                          set_searcher_completed, set_searcher_trials, set_trial_system_attr,
                          trial_id)
-from ._objective import DIRECTIONS, METRIC_NAMES, CacheStore, Fitter, Objective, TrialRecord
+from ._objective import DIRECTIONS, CacheStore, Fitter, Objective, TrialRecord, metric_names
 from ._sampler import make_sampler, session_seed
 from ._storage import OWNER_KEY, fail_stale_trials, join_session, owner_tag
 from ._trust import read_state, trusted_experiment
@@ -147,7 +147,7 @@ def _trial(config: dict, context: _WorkerContext) -> None:
     record = objective(context.genome.decode(config))
     node = ray.get_runtime_context().get_node_id()
     worker = f"{node[:12]}/{os.getpid()}"
-    tune.report({"accuracy": record.accuracy, "expected_macs": record.expected_macs,
+    tune.report({"accuracy": record.accuracy, record.unit.name("expected"): record.expected_cost,
                  RESULT_KEY: json.dumps({**record.to_json(), "worker": worker})})
 
 
@@ -161,9 +161,9 @@ def _searcher_class():
         """OptunaSearch on exitnas' study: user attributes and constraints set before ``tell``,
         an owner tag on every asked trial, a stop at N complete trials, JSON checkpoints."""
 
-        def __init__(self, *, genome, target: int, **kwargs) -> None:
+        def __init__(self, *, genome, target: int, unit, **kwargs) -> None:
             self._genome, self._target = genome, target
-            super().__init__(space=_DefineByRun(genome), metric=list(METRIC_NAMES),
+            super().__init__(space=_DefineByRun(genome), metric=metric_names(unit),
                              mode=["max" if d == "maximize" else "min" for d in DIRECTIONS],
                              **kwargs)
 
@@ -315,7 +315,7 @@ def _tune_round(ctx: SearchContext, trainable, exp_root: Path, state_path: Path)
                                    "target": ctx.n_trials})
     sampler = make_sampler(ctx.sampler, seed=session_seed(ctx.seed, session),
                            population_size=ctx.population)
-    searcher = _searcher_class()(genome=ctx.genome, target=ctx.n_trials,
+    searcher = _searcher_class()(genome=ctx.genome, target=ctx.n_trials, unit=ctx.budget.unit,
                                  storage=ctx.storage.optuna, study_name=ctx.study_name,
                                  sampler=sampler)
     tune_config = tune.TuneConfig(

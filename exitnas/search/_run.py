@@ -26,7 +26,8 @@ from ._backend import BACKENDS, SearchContext
 from ._budget import resolve_budget
 from ._front import FrontSummary, write_outputs
 from ._genome import Genome
-from ._objective import DIRECTIONS, METRIC_NAMES
+from ..units import unit_of
+from ._objective import DIRECTIONS, metric_names
 from ._sampler import SAMPLERS
 from ._storage import OpenedStorage, record_study, resolve_study
 from . import _inprocess, _ray  # noqa: F401,E402  (importing them registers the shipped backends)
@@ -96,8 +97,11 @@ def open_study(storage: OpenedStorage, name: str, *, identity: dict):
     old = study.user_attrs.get("exitnas")
     if old is None:
         study.set_user_attr("exitnas", identity)
-        study.set_metric_names(list(METRIC_NAMES))
+        study.set_metric_names(metric_names(unit_of(identity["budget"]["unit"])))
     else:
+        old = dict(old)
+        if isinstance(old.get("budget"), dict) and "unit" not in old["budget"]:
+            old["budget"] = {"unit": "macs", **old["budget"]}  # stored before cost units: MACs
         for key, what in (("fingerprint", "space"), ("weights", "supernet weights"),
                           ("budget", "budget")):
             if old.get(key) != identity[key]:
@@ -109,9 +113,10 @@ def open_study(storage: OpenedStorage, name: str, *, identity: dict):
 
 
 def _short(value) -> str:
-    if isinstance(value, dict) and "backbone_macs" in value:  # a budget
-        parts = [f"{k.replace('_macs', '')} <= {value[k]:,.0f} MACs"
-                 for k in ("expected_macs", "path_macs") if value.get(k) is not None]
+    if isinstance(value, dict) and "expected_fraction" in value:  # a budget
+        unit = unit_of(value.get("unit", "macs"))
+        parts = [f"{k} <= {unit.show(value[unit.name(k)])}"
+                 for k in ("expected", "path") if value.get(unit.name(k)) is not None]
         return ", ".join(parts) or "no budget"
     return json.dumps(value)
 
@@ -176,7 +181,8 @@ def run_search(run_dir, options: SearchOptions = SearchOptions(), *,
     ctx.storage.sync()
     display = ctx.storage.spec.display
     summary: FrontSummary = write_outputs(ctx.run.path / "search", ctx.study, ctx.budget,
-                                          study_name=ctx.study_name, storage=display)
+                                          study_name=ctx.study_name, storage=display,
+                                          counted=ctx.costs.counted)
     rate = outcome.committed / outcome.loop_seconds if outcome.loop_seconds else None
     info = {"backend": ctx.backend, "sampler": ctx.sampler, "seed": ctx.seed, "storage": display,
             "study": ctx.study_name, "trials_target": ctx.n_trials,
