@@ -68,7 +68,7 @@ def test_any_budget_text_is_an_amount_or_one_line(text):
 
 
 def test_cost_section_is_checked():
-    with pytest.raises(ConfigError, match="cost.model: unknown cost model 'flops'"):
+    with pytest.raises(ConfigError, match="cost.model: unknown value 'flops' .known: fvcore_macs"):
         load_space(TINY, {"cost.model": "flops"})
     with pytest.raises(ConfigError, match="cost.table: cost.model 'table' needs cost.table"):
         load_space(TINY, {"cost.model": "table"})
@@ -114,7 +114,8 @@ def test_table_model_reads_what_it_wrote_and_scores_with_it(tmp_path):
     assert set(table.heads) == set(mac_table(space).heads)
     again = tmp_path / "again.csv"
     write_table(table, again)
-    assert read_table(again, mac_table(space)) == read_table(path, mac_table(space))
+    first, second = (read_table(p, mac_table(space), counted="x") for p in (again, path))
+    assert first == second
     macs = tmp_path / "macs.csv"
     write_table(mac_table(space), macs)  # a MACs table stays exact integers
     assert read_table(macs, mac_table(space)).blocks == mac_table(space).blocks
