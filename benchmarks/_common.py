@@ -120,6 +120,8 @@ class Timings:
 
 def save_stats(path: Path, stats: ArchStats, **meta) -> None:
     """Exit statistics as an ``.npz`` (no pickles) with ``meta`` (JSON) beside them."""
+    if stats.unit.key != "macs":  # the files hold integer MACs (load_stats reads them so)
+        raise ValueError(f"save_stats stores MACs, got costs in {stats.unit.label}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:

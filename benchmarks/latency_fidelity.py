@@ -96,7 +96,8 @@ def exports(space, splits, work: Path, val_x: torch.Tensor) -> dict[str, Path]:
         model.thresholds = arch.thresholds  # the manifest's policy is the arch's
         folder = work / arch.id.replace("~", "_").replace(",", "-").replace("=", "")[:80]
         write_export(model, space=space, arch=arch, splits=splits, out=folder,
-                     source={"kind": "benchmark", "weights": "random init, BN re-estimated"})
+                     source={"kind": "benchmark", "weights": "random init, BN re-estimated"},
+                     onnx=space.cost.backend == "onnx")
         out[arch.id] = folder
     return out
 

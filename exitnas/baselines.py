@@ -21,7 +21,13 @@ def sdn_positions(space: Space, costs: CostTable,
     (stem + every block up to and including it, at full depth) over the plain backbone's MACs
     is closest to it; ties go to the earlier block; a block taken by an earlier target is
     skipped, and targets beyond the free candidates are dropped. The final block is never a
-    candidate (the final exit sits there)."""
+    candidate (the final exit sits there). SDN places by MACs: a ``costs`` table in another
+    unit is replaced by the space's fvcore MACs."""
+    from .cost import mac_table
+    from .units import MACS
+
+    if costs.unit is not MACS:
+        costs = mac_table(space)
     total = costs.backbone()
     cum, frac = costs.stem, {}
     for s, d in enumerate(space.max_depths):

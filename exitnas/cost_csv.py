@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 COLUMNS = ("segment", "stage", "block", "head", "cost", "unit")
 MAX_BYTES = 4 << 20  # a table is one row per segment: a few KiB
+MAX_COST = 1e15      # above any real segment (1e15 MACs, 30 years in ms); sums stay finite
+_INDEX = re.compile(r"[0-9]{1,6}")
+_NUMBER = re.compile(r"[0-9]{1,20}(\.[0-9]{0,20})?([eE][+-]?[0-9]{1,3})?")
 
 
 def table_rows(table: CostTable) -> list[dict]:
@@ -60,7 +64,7 @@ def write_table(table: CostTable, path: Path) -> None:
 
 
 def _index(text: str, where: str) -> int:
-    if not text.isdigit() or len(text) > 6:
+    if not _INDEX.fullmatch(text):
         raise ConfigError(f"expected a block / stage index, got {text[:40]!r}", file=where)
     return int(text)
 
@@ -76,10 +80,13 @@ def read_table(path: str | Path, expected: CostTable, *, counted: str = "") -> C
     if len(raw) > MAX_BYTES:
         raise ConfigError(f"larger than {MAX_BYTES} bytes", file=str(path))
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not a header
     except UnicodeDecodeError as err:
         raise ConfigError(f"not UTF-8 text (byte {err.start})", file=str(path)) from None
-    lines = list(csv.reader(io.StringIO(text, newline="")))
+    try:
+        lines = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as err:
+        raise ConfigError(f"not a CSV file ({err})", file=str(path)) from None
     if not lines or tuple(lines[0]) != COLUMNS:
         raise ConfigError(f"the header must be {','.join(COLUMNS)}", file=f"{path}:1")
     want = {("stem",): None, ("final",): None}
@@ -97,35 +104,38 @@ def read_table(path: str | Path, expected: CostTable, *, counted: str = "") -> C
                 raise ConfigError(f"a {segment} row has no stage, block or head", file=where)
             seg: tuple = (segment,)
         elif segment == "block":
+            if head:
+                raise ConfigError("a block row has no head", file=where)
             seg = ("block", _index(stage, where), _index(block, where))
         elif segment == "head":
             seg = ("head", _index(stage, where), _index(block, where), head)
         else:
             raise ConfigError(f"segment {segment[:40]!r} is not one of stem, block, head, final",
                               file=where)
+        name = " ".join(str(p)[:40] for p in seg)
         if seg not in want:
-            raise ConfigError(f"{' '.join(map(str, seg))}: not a segment of the space",
-                              file=where)
+            raise ConfigError(f"{name}: not a segment of the space", file=where)
         if seg in got:
-            raise ConfigError(f"{' '.join(map(str, seg))}: listed twice", file=where)
+            raise ConfigError(f"{name}: listed twice", file=where)
         if key not in UNITS:
             raise ConfigError(f"unit {key[:40]!r} is not one of {', '.join(UNITS)}", file=where)
         if unit is not None and UNITS[key] is not unit:
             raise ConfigError(f"unit {key!r} differs from the first row's {unit.key!r}", file=where)
         unit = UNITS[key]
-        try:
-            cost = float(value) if len(value) <= 40 else math.nan
-        except ValueError:
-            cost = math.nan
-        if not math.isfinite(cost) or cost < 0:
-            raise ConfigError(f"cost {value[:40]!r} is not a finite number >= 0", file=where)
-        got[seg] = int(cost) if unit.integer and cost.is_integer() else cost
+        cost = float(value) if _NUMBER.fullmatch(value) else math.nan
+        if not math.isfinite(cost) or not 0 <= cost <= MAX_COST:
+            raise ConfigError(f"cost {value[:40]!r} is not a number in 0..{MAX_COST:g}",
+                              file=where)
+        if unit.integer and not cost.is_integer():
+            raise ConfigError(f"cost {value[:40]!r}: {unit.label} are whole numbers", file=where)
+        got[seg] = int(cost) if unit.integer else cost
     missing = [s for s in want if s not in got]
     if missing:
         raise ConfigError(f"no row for {len(missing)} segment(s) of the space, first: "
                           f"{' '.join(map(str, missing[0]))}", file=str(path))
-    if unit.integer and any(isinstance(v, float) for v in got.values()):
-        raise ConfigError(f"{unit.label} are whole numbers", file=str(path))
+    if got[("stem",)] + got[("final",)] + sum(v for k, v in got.items() if k[0] == "block") <= 0:
+        raise ConfigError("the plain backbone costs 0: budgets and relative costs divide by it",
+                          file=str(path))
     return CostTable(unit=unit, stem=got[("stem",)], final=got[("final",)],
                      blocks={k[1:]: v for k, v in got.items() if k[0] == "block"},
                      heads={k[1:]: v for k, v in got.items() if k[0] == "head"},

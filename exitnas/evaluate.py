@@ -198,6 +198,9 @@ class ArchStats:
         for name, dtype in (("conf", np.float32), ("entropy", np.float32), ("pred", np.int64),
                             ("labels", np.int64)):
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=dtype))
+        costs = (*self.exit_costs, self.backbone_cost)
+        if self.unit.integer and not all(float(c).is_integer() for c in costs):
+            raise ValueError(f"{self.unit.label} are whole numbers, got costs {costs[:4]}...")
         num = int if self.unit.integer else float
         object.__setattr__(self, "exit_costs", tuple(num(c) for c in self.exit_costs))
         object.__setattr__(self, "backbone_cost", num(self.backbone_cost))

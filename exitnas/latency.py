@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .cost import COST_MODELS, CostModel, CostTable
+from .errors import ConfigError
 from .units import MS
 
 if TYPE_CHECKING:
@@ -58,9 +59,25 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": _ort_version()}
+    from . import __version__
+
+    try:
+        cores = len(os.sched_getaffinity(0))  # what this process may use, not the host's
+    except AttributeError:
+        cores = os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "system": platform.platform(),
+            "python": platform.python_version(), "exitnas": __version__,
+            "torch": torch.__version__, "onnxruntime": _ort_version(),
+            "onnx": _version("onnx"), "onnxscript": _version("onnxscript")}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _ort_version() -> str | None:
@@ -142,6 +159,21 @@ def _backend(root: Path, space: Space):
 def measure(space: Space) -> tuple[CostTable, dict]:
     """Measure every segment of ``space`` (module docs): the table and the raw medians (ms per
     batch, by segment name)."""
+    from . import _onnx
+
+    c = space.cost
+    if c.backend == "onnx" and (_onnx.missing() or _ort_version() is None):
+        raise ConfigError(f"cost.backend 'onnx' needs onnx, onnxscript and onnxruntime "
+                          f"({_onnx.missing() or 'onnxruntime is not installed'})",
+                          path="cost.backend")
+    threads = torch.get_num_threads()  # the runtime's backend sets its own: put ours back
+    try:
+        return _measure(space)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(space: Space) -> tuple[CostTable, dict]:
     segments = _segments(space)
     c = space.cost
     with tempfile.TemporaryDirectory(prefix="exitnas-latency-") as tmp:
@@ -193,7 +225,9 @@ def cached_table(space: Space) -> CostTable:
     key = hashlib.sha256(json.dumps([settings, where], sort_keys=True).encode()).hexdigest()[:16]
     csv_path = cache_dir() / f"{space.name}-{key}.csv"
     if csv_path.is_file():
-        return read_table(csv_path, mac_table(space), counted=counted(space))
+        table = read_table(csv_path, mac_table(space), counted=counted(space))
+        if table.unit is MS:
+            return table
     table, medians = measure(space)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(csv_path.with_suffix(".json"), {"settings": settings, "machine": where,

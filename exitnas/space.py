@@ -23,6 +23,7 @@ from typing import Literal
 import yaml
 
 from . import blocks, cost, cost_csv, data, heads, latency, losses, policy, topology, tv_family  # noqa: F401 (registers)
+from . import units
 from ._config import field, from_dict, read_yaml, to_dict, with_overrides
 from .errors import ConfigError
 
@@ -259,6 +260,9 @@ class SearchConfig:
     budget: str | float | None = field(
         None, doc="absolute expected-cost budget in the cost model's unit, e.g. 20M (MACs) or "
                   "3.5ms; overrides budget_fraction")
+    budget_macs: float | None = field(
+        None, gt=0.0, doc="older spelling of search.budget in MACs (space files and run "
+                          "directories made before cost models); prefer search.budget")
     max_path_fraction: float | None = field(None, gt=0.0, doc="worst-case path budget / the "
                                                               "backbone's cost")
     backend: Literal["optuna", "ray"] = field("optuna", doc="in-process Optuna or Ray Tune")
@@ -272,6 +276,19 @@ class SearchConfig:
                   "or amounts in the cost model's unit (20M, 3.5ms), each <= the search budget; "
                   "the search maximises the mean val accuracy over them, thresholds fitted per "
                   "budget (default: the search budget)")
+
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and self.budget_macs is not None:
+            raise ConfigError("set search.budget or its older spelling search.budget_macs, "
+                              "not both", path="budget_macs")
+        problem = None if self.budget is None else units.amount_problem(self.budget)
+        if problem:
+            raise ConfigError(problem, path="budget")
+        for i, v in enumerate(self.deploy_budgets or ()):
+            problem = units.amount_problem(v)
+            if problem:
+                raise ConfigError(problem, path=f"deploy_budgets[{i}]")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,6 +52,23 @@ def unit_of(key: str) -> Unit:
     return UNITS[key]
 
 
+def amount_problem(text: str | float) -> str | None:
+    """What is wrong with ``text`` as an amount in any unit (None: it reads), checked where a
+    space is read, before the cost model's unit is known."""
+    if isinstance(text, bool):
+        return f"expected a number or a string such as 0.5, 20M or 3.5ms, got {text!r}"
+    if isinstance(text, (int, float)):
+        return None if math.isfinite(text) and text > 0 else f"{text!r} must be a number > 0"
+    m = _AMOUNT.fullmatch(text)
+    if not m:
+        return f"{text[:80]!r} is not an amount such as 0.5, 20M or 3.5ms"
+    if not any(m.group(2).lower() in dict(u.suffixes) for u in UNITS.values()):
+        return f"{text[:80]!r}: unknown suffix {m.group(2)!r}"
+    if float(m.group(1)) <= 0:
+        return f"{text!r} must be > 0"
+    return None
+
+
 def parse_amount(text: str | float, *, unit: Unit, backbone: float, what: str) -> float:
     """``0.6`` -> 0.6 x ``backbone``; a number > 1 or one with a suffix of ``unit`` -> that
     amount in ``unit`` (``20M`` -> 2e7 MACs, ``800us`` -> 0.8 ms). A suffix of another unit is

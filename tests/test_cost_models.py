@@ -87,6 +87,40 @@ def test_budget_in_ms_needs_an_ms_cost_model(tmp_path):
     space = load_space(TINY)
     with pytest.raises(BudgetError, match="is in ms, but the cost model measures MACs"):
         resolve_budget(space, cost_table(space), budget="2ms")
+    with pytest.raises(ConfigError, match="search.budget: 'abc' is not an amount"):
+        load_space(TINY, {"search.budget": "abc"})
+    with pytest.raises(ConfigError, match=r"search.deploy_budgets\[1\]: '3xy': unknown suffix"):
+        load_space(TINY, {"search.deploy_budgets": [0.5, "3xy"]})
+
+
+def test_a_space_written_before_cost_models_still_loads(tmp_path):
+    """Every stored config.yaml of an older run holds search.budget_macs (null or MACs)."""
+    import yaml
+
+    from exitnas.search import resolve_budget
+
+    old = yaml.safe_load(TINY.read_text())
+    old["search"]["budget_macs"] = None
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    space = load_space(path)
+    assert space.search.budget_macs is None and space.cost.model == "fvcore_macs"
+    backbone = cost_table(space).backbone()
+    old["search"]["budget_macs"] = 0.95 * backbone
+    path.write_text(yaml.safe_dump(old))
+    space = load_space(path)
+    assert resolve_budget(space, cost_table(space)).expected == 0.95 * backbone
+    with pytest.raises(ConfigError, match="search.budget_macs: set search.budget or"):
+        load_space(path, {"search.budget": "0.5"})
+    latency = load_space(path, FAST_LATENCY)
+    from exitnas.cost import CostTable
+
+    # an ms table by hand: the refusal needs no measurement
+    ms = CostTable(unit=MS, stem=1.0, blocks=dict.fromkeys(mac_table(space).blocks, 1.0),
+                   heads=dict.fromkeys(mac_table(space).heads, 0.1), final=0.5)
+    with pytest.raises(BudgetError, match="search.budget_macs .* is in MACs, but the cost model "
+                                          "measures ms"):
+        resolve_budget(latency, ms)
 
 
 # ---- the table model: a CSV checked by allowlist ---------------------------------------------
@@ -128,8 +162,15 @@ def test_table_model_reads_what_it_wrote_and_scores_with_it(tmp_path):
     (lambda r: r + [r[-1]], ": final: listed twice"),
     (lambda r: r + [["block", "7", "0", "", "1.0", "ms"]], ": block 7 0: not a segment"),
     (lambda r: r[:2] + [r[2][:-1] + ["macs"]] + r[3:], "differs from the first row's 'ms'"),
-    (lambda r: r[:2] + [r[2][:4] + ["-1", "ms"]] + r[3:], "cost '-1' is not a finite number"),
-    (lambda r: r[:2] + [r[2][:4] + ["nan", "ms"]] + r[3:], "cost 'nan' is not a finite number"),
+    (lambda r: r[:2] + [r[2][:4] + ["-1", "ms"]] + r[3:], "cost '-1' is not a number in 0..1e+15"),
+    (lambda r: r[:2] + [r[2][:4] + ["nan", "ms"]] + r[3:], "cost 'nan' is not a number"),
+    (lambda r: r[:2] + [r[2][:4] + ["1e308", "ms"]] + r[3:], "cost '1e308' is not a number"),
+    (lambda r: r[:2] + [r[2][:4] + ["1_0", "ms"]] + r[3:], "cost '1_0' is not a number"),
+    (lambda r: r[:2] + [["block", "\u00b2", "0", "", "1", "ms"]] + r[3:], "index, got '\u00b2'"),
+    (lambda r: r[:2] + [r[2][:3] + ["linear"] + r[2][4:]] + r[3:], "a block row has no head"),
+    (lambda r: r[:1] + [x[:4] + ["0", "ms"] for x in r[1:]], "the plain backbone costs 0"),
+    (lambda r: r[:1] + [r[1][:4] + ["7", "macs"]] + [x[:4] + ["1.5", "macs"] for x in r[2:]],
+     ":3: cost '1.5': MACs are whole numbers"),
     (lambda r: r[:2] + [["blob"] + r[2][1:]] + r[3:], "segment 'blob' is not one of"),
 ])
 def test_table_refusals_name_file_and_line(tmp_path, edit, words):
@@ -148,6 +189,11 @@ def test_table_refuses_bytes_that_are_not_text(tmp_path):
     path.write_bytes(b"segment,stage\xff")
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         read_table(path, mac_table(space))
+    path.write_text("segment," + "x" * 200_000 + "\n")  # a field over csv's own limit
+    with pytest.raises(ConfigError, match="not a CSV file"):
+        read_table(path, mac_table(space))
+    path.write_bytes(b"\xef\xbb\xbf" + _csv(_valid_rows(space)).encode())  # a spreadsheet's BOM
+    assert read_table(path, mac_table(space)).unit is MS
 
 
 @fuzz(300)

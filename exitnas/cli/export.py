@@ -6,6 +6,7 @@ from pathlib import Path
 
 from . import command
 from ..errors import DataError
+from ..units import UNITS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -86,7 +87,7 @@ class Predict:
             except ExportError as err:
                 raise DataError(str(err)) from None
             res = predictor.predict(predictor.preprocess(images))
-            num = int if predictor.cost_unit == "macs" else float
+            num = int if UNITS[predictor.cost_unit].integer else float
             for (path, label), pred, ex, cost in zip(chunk, res.pred, res.exit, res.cost):
                 rows.append({"file": str(path), "label": label,
                              "pred": predictor.classes[int(pred)], "exit": int(ex),
@@ -115,7 +116,7 @@ def _print(rows: list[dict], predictor, fmt: str) -> None:
         return
     width = max(len("file"), *(len(r["file"]) for r in rows))
     unit, label = predictor.cost_unit, predictor.cost_label
-    shown = ",.0f" if unit == "macs" else ",.4g"
+    shown = ",.0f" if UNITS[unit].integer else ",.4g"
     print(f"{'file':<{width}}  {'pred':<12}{'exit':<16}{label:>14}")
     for r in rows:
         print(f"{r['file']:<{width}}  {r['pred']:<12}{r['exit_name']:<16}{r[unit]:>14{shown}}")

@@ -47,7 +47,7 @@ class Finetune:
 
         def describe(result) -> str:
             val, inh = result.manifest["val"], result.manifest["inherited"]
-            unit = unit_of(result.manifest["cost_unit"])
+            unit = unit_of(result.manifest.get("cost_unit", "macs"))  # older runs: MACs
             cost = unit.name("expected")
             return (f"fine-tuned ({result.regime}, {result.manifest['epochs']} epochs): "
                     f"{result.arch.id}\n"

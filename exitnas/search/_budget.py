@@ -101,6 +101,11 @@ def resolve_budget(space: Space, costs: CostTable, *, budget: str | float | None
         expected = parse(budget, "--budget")
     elif cfg.budget is not None:
         expected = parse(cfg.budget, "search.budget")
+    elif cfg.budget_macs is not None:  # the older spelling: an amount in MACs
+        if unit is not MACS:
+            raise BudgetError(f"search.budget_macs {cfg.budget_macs:g} is in MACs, but the cost "
+                              f"model measures {unit.label}; set search.budget")
+        expected = float(cfg.budget_macs)
     elif cfg.budget_fraction is not None:
         expected = cfg.budget_fraction * backbone
     else:

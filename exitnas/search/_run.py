@@ -11,6 +11,7 @@ last, the front is written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -102,8 +103,10 @@ def open_study(storage: OpenedStorage, name: str, *, identity: dict):
         old = dict(old)
         if isinstance(old.get("budget"), dict) and "unit" not in old["budget"]:
             old["budget"] = {"unit": "macs", **old["budget"]}  # stored before cost units: MACs
+        if "cost" not in old and identity["cost"]["model"] == "fvcore_macs":
+            old["cost"] = identity["cost"]  # stored before cost models: fvcore MACs, not pinned
         for key, what in (("fingerprint", "space"), ("weights", "supernet weights"),
-                          ("budget", "budget")):
+                          ("budget", "budget"), ("cost", "cost table")):
             if old.get(key) != identity[key]:
                 raise RunDirError(
                     f"study {name!r} in {where} was run with another {what} "
@@ -154,9 +157,11 @@ def search_context(run_dir, options: SearchOptions = SearchOptions(), *,
     spec, name = resolve_study(run, storage=options.storage or cfg.storage,
                                study_name=options.study_name,
                                default_name=f"exitnas-{space.name}-{run.path.resolve().name}")
+    table = hashlib.sha256(json.dumps(costs.to_json(), sort_keys=True).encode()).hexdigest()
     identity = {"space": space.name, "fingerprint": space.fingerprint,
                 "weights": sha256_file(weights)[:16], "budget": budget.to_json(),
-                "thresholds": cfg.thresholds}
+                "thresholds": cfg.thresholds,
+                "cost": {"model": space.cost.model, "table": table[:16]}}
     storage = spec.connect()
     study = open_study(storage, name, identity=identity)
     record_study(run, spec, name)
