@@ -616,13 +616,21 @@ def load(root, backend: str = "pt2", *, threads: int | None = None, check: bool 
     weights) or ``onnx`` (ONNX Runtime). ``threads`` fixes the intra-op threads (stable
     timings). ``check`` verifies the files against arch.json first (module docstring).
     ``channels_last`` (pt2 only) runs the convolutions in NHWC: faster on CPU, equal to the
-    default to float32 round-off rather than bit for bit."""
+    default to float32 round-off rather than bit for bit. An int8 export (arch.json
+    ``precision``, :mod:`exitnas.quantize`) holds ONNX graphs only: backend ``onnx``."""
     root = Path(root)
     if backend not in BACKENDS:
         raise ExportError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if channels_last and backend != "pt2":
         raise ExportError("channels_last applies to backend pt2 only")
     manifest = read_manifest(root)
+    precision = manifest.get("precision", "fp32")  # int8: ONNX graphs only (exitnas.quantize)
+    if precision not in ("fp32", "int8"):
+        raise ExportError(f"{root / 'arch.json'}: precision {str(precision)[:40]!r} is not "
+                          "fp32 or int8")
+    if precision == "int8" and backend != "onnx":
+        raise ExportError(f"{root}: an int8 export holds ONNX graphs only (no .pt2); use "
+                          "backend onnx")
     if check:
         verify(root, manifest)
     impl = _Torch(root, manifest, threads, channels_last) if backend == "pt2" else \
