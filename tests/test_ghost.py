@@ -342,4 +342,4 @@ def test_extract_export_runtime_agree_with_the_model(ghost_export, backend):
     assert np.array_equal(got.exit, ref.exit.numpy())
     assert np.bincount(got.exit, minlength=3).min() >= 5  # every exit is really taken
     costs = build_cost_table(net).exit_costs(arch)
-    assert np.array_equal(got.macs, np.asarray(costs)[got.exit])
+    assert np.array_equal(got.cost, np.asarray(costs)[got.exit])
