@@ -218,7 +218,7 @@ def seed_tables(nets: SeedNets) -> dict[str, list[dict]]:
 def objective(stats: ArchStats, budgets_macs: list[float]) -> float:
     """The search's objective: mean fitted val accuracy over the deploy budgets (0 where a
     budget cannot be met)."""
-    fits = fit_budgets(stats, budgets_macs=budgets_macs)
+    fits = fit_budgets(stats, budgets=budgets_macs)
     return float(np.mean([f.accuracy if f.feasible else 0.0 for f in fits]))
 
 

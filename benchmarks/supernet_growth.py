@@ -62,7 +62,7 @@ def search_view(run: RunDir, space, splits, n: int, seed: int = 0) -> dict:
             caches[arch.depths] = load_or_build_cache(run, net, arch.depths, splits)
         stats = ArchStats.from_cache(caches[arch.depths], arch, costs)
         return [f.accuracy if f.feasible else float("nan")
-                for f in fit_budgets(stats, budgets_macs=budgets)]
+                for f in fit_budgets(stats, budgets=budgets)]
 
     out = {f"sdn_fitted_{b:.2f}": a for b, a in zip(BUDGETS, fits(sdn_arch(space, costs)))}
     rng = random.Random(seed)
