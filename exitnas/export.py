@@ -165,7 +165,8 @@ def _manifest(*, space: Space, arch: Arch, splits, source: dict, graphs: dict,
     names = [e.key for e in arch.exits] + ["final"]
     heads = [e.head for e in arch.exits] + [space.backbone.final_head]
     positions = [[e.stage, e.block] for e in arch.exits] + [None]
-    # per-graph costs (batch 1) for split deployments: C_k = C_{k-1} + segment k + head k
+    # per-graph costs (per image, as the cost table) for split deployments: C_k = C_{k-1} +
+    # segment k + head k
     for key, t, c_k in (("macs", macs, mac_costs), ("cost", table, costs)):
         head_cost = [t.heads[(e.stage, e.block, e.head)] for e in arch.exits] + [t.final]
         for k, (c, h) in enumerate(zip(c_k, head_cost)):

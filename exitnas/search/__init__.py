@@ -13,7 +13,7 @@ Modules import one way (``tests/test_search.py`` checks there is no cycle): ``_r
 the backends (``_inprocess``, ``_ray``), which import ``_backend`` (the context and the
 interface), ``_objective``, ``_sampler`` and ``_storage``; those import ``_budget`` and
 ``_internals`` (every use of an Optuna or Ray private name); ``_genome``, ``_trust``,
-``_front`` import nothing of the package but ``_budget``.
+``_front`` import nothing of the search package but ``_budget`` (and ``exitnas.units``).
 """
 from ._backend import BACKENDS, Backend, BackendResult, SearchContext, register_backend
 from ._budget import Budget, cheapest_costs, parse_macs, resolve_budget
