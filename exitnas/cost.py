@@ -239,9 +239,16 @@ class FvcoreMacs(CostModel):
         return mac_table(space)
 
 
-@lru_cache(maxsize=8)
 def mac_table(space: Space) -> CostTable:
-    """fvcore MACs of ``space`` whatever its cost model (the export's ``macs`` fields)."""
+    """fvcore MACs of ``space`` whatever its cost model (the export's ``macs`` fields); one
+    count per network, whatever the ``cost`` section says."""
+    import dataclasses
+
+    return _mac_table(dataclasses.replace(space, cost=type(space.cost)()))
+
+
+@lru_cache(maxsize=8)
+def _mac_table(space: Space) -> CostTable:
     from .supernet import Supernet
 
     return build_cost_table(Supernet(space, pretrained=False))
