@@ -144,6 +144,8 @@ def finetune(run_dir: RunDir, arch: Arch, *, space: Space, regime: str,
     epochs = space.retrain.epochs if epochs is None else epochs
     _check(arch, space, regime, epochs)
     cfg = space.retrain
+    loss = loss_from_config(cfg)
+    loss.check(regime=regime, space=space)
     per_rank_batch(space.data.batch_size, dist)
     weights = supernet_weights(run_dir)
     out = finetune_dir(run_dir, arch, regime)
@@ -153,6 +155,7 @@ def finetune(run_dir: RunDir, arch: Arch, *, space: Space, regime: str,
     state = open_checkpoint(out / "checkpoint.pt", identity=identity, settings=settings,
                             resume=resume, restart=restart)
     splits = splits or load_splits(space)
+    loss.prepare(space=space, splits=splits)
     model = inherited_model(run_dir, space, arch, splits)
     inherited = val_stats(model, arch, space, splits)
     unit = inherited.unit
@@ -162,7 +165,7 @@ def finetune(run_dir: RunDir, arch: Arch, *, space: Space, regime: str,
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     phase = regime_phase(model, FINETUNE_PHASES[regime], epochs=epochs, optim=cfg.optim,
-                         loss=loss_from_config(cfg))
+                         loss=loss)
     spec = LoopSpec(name=f"finetune {regime}", title="fine-tuning",
                     done_text="already fine-tuned", identity=identity, settings=settings,
                     out=out, model=model, phases=(phase,),

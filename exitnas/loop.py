@@ -38,7 +38,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -176,7 +176,10 @@ class Phase:
     epoch)`` returns the loss (the loop runs backward). ``on_start(epoch)`` runs when the
     phase starts (not when a run resumes inside it), after ``trainable``; ``train_mode()``
     before every epoch (default: the model's ``train()``). ``name`` goes into progress text
-    ("epoch 3/4 (phase 2)"), ``columns`` into every metrics row."""
+    ("epoch 3/4 (phase 2)"), ``columns`` into every metrics row. ``state``: something else
+    the phase learns (``state_dict()`` / ``load_state_dict()``, e.g. a loss's weight net),
+    kept in the checkpoint when its state is not empty and restored when a run resumes inside
+    the phase."""
 
     epochs: int
     optim: OptimConfig
@@ -187,6 +190,7 @@ class Phase:
     train_mode: Callable[[], None] | None = None
     name: str = ""
     columns: dict = field(default_factory=dict)
+    state: Any = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -326,6 +330,8 @@ def _run_phase(run: _Run, index: int, first: int, start: int, state: dict | None
     if start > first:  # resumed inside the phase: its optimizer and schedule go on
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if phase.state is not None and "phase_state" in state:
+            phase.state.load_state_dict(state["phase_state"])
     for epoch in range(start, first + phase.epochs):
         _run_one_epoch(run, index, epoch, forward, optimizer, scheduler)
 
@@ -356,11 +362,13 @@ def _run_one_epoch(run: _Run, index: int, epoch: int, forward: nn.Module, optimi
         row.update(values)
         row["seconds"] = time.perf_counter() - t0
         run.history.append(row)
+        extra = phase.state.state_dict() if phase.state is not None else {}
         save_checkpoint(spec.checkpoint, {
             "identity": spec.identity, "settings": spec.settings, "epoch": epoch + 1,
             "phase": index, "model": spec.model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(), "metrics": run.history})
+            "rng": rng_state(), "metrics": run.history,
+            **({"phase_state": extra} if extra else {})})
         write_metrics(spec.metrics, run.history)
         run.say(f"{where}: loss {loss:.4f}, {text} ({row['seconds']:.1f} s)")
     dist.barrier()

@@ -11,7 +11,12 @@ the labels to one scalar::
 the scale of one cross-entropy and a learning rate tuned for ``mean_ce`` carries over.
 
 Add your own with ``@LOSSES.register("name")`` on a subclass of :class:`ExitLoss`; the name can
-then be used as ``retrain.loss`` or ``exitnas retrain --loss NAME``.
+then be used as ``retrain.loss`` or ``exitnas retrain --loss NAME``. A loss that needs more
+than the logits declares it through the hooks every retrain / fine-tuning run calls: the
+``regimes`` it can train and :meth:`ExitLoss.check` (before anything is loaded),
+:meth:`ExitLoss.prepare` (once, with the run's data), :meth:`ExitLoss.before_step` (before
+every step of phases 2 and 3: a meta step, another batch) and ``state_dict`` (kept in the
+training checkpoint, so a resumed run goes on where it stopped).
 
 Supernet training has its own registry, ``SUPERNET_LOSSES`` (``supernet.loss``): an entry
 says how one pass of the sandwich rule (one sub-network, every candidate exit active) turns
@@ -20,18 +25,32 @@ features send into the backbone (:class:`SupernetLoss`; the default ``sandwich``
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
 from .registry import Registry
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .data import Splits
+    from .loop import Epoch
+    from .space import OptimConfig, Space
+
 LOSSES: Registry[type["ExitLoss"]] = Registry("loss")
 SUPERNET_LOSSES: Registry[type["SupernetLoss"]] = Registry("supernet loss")
 
 
 class ExitLoss:
-    """Base class. ``temperature`` and ``weight`` are used by distillation losses only."""
+    """Base class. ``temperature`` and ``weight`` are used by distillation losses only.
+    ``regimes``: the retraining regimes the loss can train (None: every one); ``name``: its
+    registry name (set by :func:`build_loss`)."""
+
+    regimes: ClassVar[tuple[str, ...] | None] = None
+    name: str = ""
 
     def __init__(self, *, temperature: float = 3.0, weight: float = 0.5) -> None:
         self.temperature = float(temperature)
@@ -40,6 +59,31 @@ class ExitLoss:
     def __call__(self, logits: list[torch.Tensor], labels: torch.Tensor, *,
                  progress: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
+
+    def check(self, *, regime: str, space: "Space") -> None:
+        """Refuse, in one line, a run this loss cannot train (called before data is loaded
+        and before anything is written). Default: a regime outside ``regimes``."""
+        if self.regimes is not None and regime not in self.regimes:
+            raise ConfigError(f"{self.name or type(self).__name__!r} trains with regime "
+                              f"{' or '.join(self.regimes)} only, not {regime!r}",
+                              path="retrain.loss")
+
+    def prepare(self, *, space: "Space", splits: "Splits") -> None:
+        """Once before training, with the run's space and data. Default: nothing."""
+
+    def before_step(self, module: "nn.Module", x: torch.Tensor, y: torch.Tensor, *,
+                    epoch: "Epoch", optim: "OptimConfig") -> tuple[torch.Tensor, torch.Tensor]:
+        """Before every step of phases 2 and 3: ``module`` is the phase's forward (not wrapped
+        for DDP; its parameters are the model's, those of the phase require grad), ``x, y``
+        the step's batch. Returns the batch the step trains on. Default: ``(x, y)``."""
+        return x, y
+
+    def state_dict(self) -> dict:
+        """What the loss learns during training (kept in the checkpoint). Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (a resumed run)."""
 
 
 def _weighted(losses: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -123,7 +167,9 @@ def build_loss(name: str, *, temperature: float = 3.0, weight: float = 0.5) -> E
         cls = LOSSES.get(name)
     except ConfigError as err:
         raise ConfigError(str(err), path="retrain.loss") from None
-    return cls(temperature=temperature, weight=weight)
+    loss = cls(temperature=temperature, weight=weight)
+    loss.name = name
+    return loss
 
 
 def loss_from_config(cfg) -> ExitLoss:
@@ -192,6 +238,8 @@ __all__ = ["LOSSES", "ExitLoss", "build_loss", "loss_from_config", "soft_distill
            "SUPERNET_LOSSES", "SupernetLoss", "SandwichLoss", "build_supernet_loss"]
 
 
+from . import losses_label_free as _label_free  # noqa: E402,F401 (registers)
+from . import losses_l2w as _l2w  # noqa: E402,F401 (registers)
 from . import losses_neg_correlation as _neg_correlation  # noqa: E402,F401 (registers)
 from . import losses_quicknets as _quicknets  # noqa: E402,F401 (registers)
 from . import losses_synergy as _synergy  # noqa: E402,F401 (registers)

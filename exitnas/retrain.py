@@ -195,19 +195,21 @@ def regime_phase(model: MultiExitModel, phase: int, *, epochs: int, optim: Optim
                  loss: ExitLoss, on_start: Callable[[int], None] | None = None) -> Phase:
     """Regime phase ``phase`` (1, 2 or 3) of ``model`` as a phase of :mod:`exitnas.loop`:
     phase 1 learns from the final exit's cross-entropy, phases 2 and 3 from ``loss`` over every
-    exit (``progress`` = the share of all epochs done)."""
+    exit (``progress`` = the share of all epochs done), on the batch its
+    :meth:`~exitnas.losses.ExitLoss.before_step` returns; the loss's state is checkpointed."""
+    module = PhaseForward(model, phase)
 
     def step(forward: nn.Module, x, y, epoch: Epoch) -> torch.Tensor:
-        logits = forward(x)
         if phase == 1:
-            return F.cross_entropy(logits[-1], y)
-        return loss(logits, y, progress=epoch.progress)
+            return F.cross_entropy(forward(x)[-1], y)
+        x, y = loss.before_step(module, x, y, epoch=epoch, optim=optim)
+        return loss(forward(x), y, progress=epoch.progress)
 
-    return Phase(epochs=epochs, optim=optim, forward=PhaseForward(model, phase), step=step,
+    return Phase(epochs=epochs, optim=optim, forward=module, step=step,
                  trainable=lambda: set_phase(model, phase),
                  train_mode=lambda: train_mode(model, phase),
                  on_start=on_start or (lambda _epoch: None), name=f"phase {phase}",
-                 columns={"phase": phase})
+                 columns={"phase": phase}, state=None if phase == 1 else loss)
 
 
 def exit_accuracy_row(model: MultiExitModel, splits: Splits, space: Space,
@@ -251,6 +253,7 @@ def retrain(run_dir: RunDir, arch: Arch, *, space: Space, regime: str | None = N
     arch.validate(space)
     plan = phase_plan(regime, cfg.epochs, cfg.phase1_fraction, phase1=cfg.phase1)
     loss_fn = loss_from_config(cfg)
+    loss_fn.check(regime=regime, space=space)
     per_rank_batch(space.data.batch_size, dist)
     out = retrain_dir(run_dir, arch, regime)
     identity = {"kind": "retrain", "space": space.name, "fingerprint": space.fingerprint,
@@ -259,6 +262,7 @@ def retrain(run_dir: RunDir, arch: Arch, *, space: Space, regime: str | None = N
     state = open_checkpoint(out / "checkpoint.pt", identity=identity, settings=settings,
                             resume=resume, restart=restart)
     splits = splits or load_splits(space)
+    loss_fn.prepare(space=space, splits=splits)
     model = initial_model(run_dir, space, arch, splits).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -170,6 +170,7 @@ class DataConfig:
     train_subset: int | None = field(None, ge=1, le=2**40, doc="use only this many train images")
     test_subset: int | None = field(None, ge=1, le=2**40, doc="use only this many test images (a random subset, seed data.split_seed)")
     synthetic_size: int = field(512, ge=16, le=2**20, doc="images in the synthetic set")
+    unlabelled: str | None = field(None, doc="folder of unlabelled images (its files and its subfolders' files, opened like imagefolder's; labels ignored) that retrain.loss label_free trains the heads on")
 
 
 @dataclass(frozen=True, kw_only=True)
