@@ -1,13 +1,23 @@
 """CPU wall time of the early-exit runtime vs the plain backbone, at thresholds that give
 ~25 / 50 / 75 % of the backbone's MACs (exitnas.runtime on .pt2 programs and on ONNX Runtime).
 
-    .venv/bin/python benchmarks/runtime_latency.py               # ~10 min on 2 free cores
-    .venv/bin/python benchmarks/runtime_latency.py --rounds 3    # quicker, noisier
+    .venv/bin/python benchmarks/runtime_latency.py                     # ResNet-20, CIFAR-10
+    .venv/bin/python benchmarks/runtime_latency.py --model resnet50    # ResNet-50 at 224 px
+    .venv/bin/python benchmarks/runtime_latency.py --rounds 3          # quicker, noisier
 
-Model: ResNet-20 (search_spaces/resnet_cifar.yaml at depths 3/3/3) with 4 linear exits
-(s0b0, s0b2, s1b1, s2b0) + the final exit, retrained jointly for a few epochs on a CIFAR-10
-(JPEG) subset (exitnas.retrain; cached under .cache/runtime-bench/) so confidences are
-realistic, then exported (exitnas.export). The plain backbone is the same trained weights
+Model ``resnet20``: ResNet-20 (search_spaces/resnet_cifar.yaml at depths 3/3/3) with 4 linear
+exits (s0b0, s0b2, s1b1, s2b0) + the final exit, retrained jointly for a few epochs on a
+CIFAR-10 (JPEG) subset (exitnas.retrain; cached under .cache/runtime-bench/) so confidences are
+realistic, then exported (exitnas.export). Model ``resnet50``: torchvision's ResNet-50
+(search_spaces/resnet50_imagenet.yaml, full depth 3/4/6/3, 10 classes) at 224 px on CIFAR-10
+(JPEG) images resized to 224, with 4 linear exits (s0b2, s1b3, s2b2, s2b5), randomly initialised
+with BatchNorm re-estimated on train batches (training it is out of reach on 2 cores; the
+weights decide which samples leave, not what a graph costs), batch 1 only.
+
+Variants: ``pt2`` and ``onnx`` run the export as the runtime does (format 3: one fused exit
+graph per exit passed: segment, head and the exit statistics); ``pt2_unfused`` /
+``onnx_unfused`` run the same export's separate segment and head graphs with the statistics on
+the host (what format-2 exports do), side by side in the same rounds. The plain backbone is the same trained weights
 (every segment, final head only) exported as its own one-segment model, run by the same
 runtime. Thresholds: one max-softmax threshold shared by all exits, bisected on VAL so the
 expected MACs / plain-backbone MACs hit each target; timed on TEST images.
@@ -21,12 +31,15 @@ the network). Two extra configurations isolate overheads: ``no_exit`` (every hea
 evaluated, nobody leaves) and ``segments_only`` (the backbone cut into its segments, final head
 only).
 
-Writes results/runtime/{latency.csv, latency.md, breakdown.csv, graphs.csv}.
+Writes results/runtime/{latency.csv, latency.md, breakdown.csv, graphs.csv} (``resnet50``:
+the same names with ``_resnet50``).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import platform
 import sys
 import time
@@ -42,23 +55,40 @@ sys.path.insert(0, str(ROOT))
 from exitnas.arch import Arch  # noqa: E402
 from benchmarks._common import cifar10_root  # noqa: E402
 from exitnas.data import load_splits, normalize  # noqa: E402
-from exitnas.export import export_run, write_export  # noqa: E402
+from exitnas.export import write_export  # noqa: E402
 from exitnas.model import MultiExitModel, exits_from_logits  # noqa: E402
 from exitnas.retrain import load_retrained, retrain, retrain_dir  # noqa: E402
 from exitnas.rundir import RunDir  # noqa: E402
-from exitnas.runtime import load  # noqa: E402
+from exitnas.runtime import exit_calls, load  # noqa: E402
 from exitnas.space import load_space  # noqa: E402
 
 OUT = ROOT / "results" / "runtime"
 ARCH = "d3.3.3~s0b0=linear,s0b2=linear,s1b1=linear,s2b0=linear~max_softmax=0.9,0.9,0.9,0.9"
+ARCH50 = "d3.4.6.3~s0b2=linear,s1b3=linear,s2b2=linear,s2b5=linear~max_softmax=0.9,0.9,0.9,0.9"
 TARGETS = (0.25, 0.5, 0.75)
 COLUMNS = ["backend", "batch", "config", "target_fraction", "threshold", "mac_ratio",
            "time_ratio", "gap_points", "ms_per_sample", "backbone_ms_per_sample",
            "val_mac_ratio", "accuracy", "exit_fractions"]
 
 
-def prepare(args):
-    """Train (once, cached), export the early-exit model and the plain backbone."""
+def _resnet50(args):
+    """ResNet-50 at 224 px, random weights, BN re-estimated (module docs)."""
+    from exitnas.supernet import Supernet, calibration_batches
+
+    space = load_space(ROOT / "search_spaces" / "resnet50_imagenet.yaml", {
+        "num_classes": 10, "backbone.weights": None, "data.root": str(cifar10_root()),
+        "data.train_subset": 2000, "data.val_fraction": 0.1, "data.eval_batch_size": 50,
+        "data.batch_size": 16, "data.num_workers": 0, "supernet.bn_calib_batches": 2})
+    run = RunDir(args.work / "run50")
+    space = run.init(space)
+    arch = Arch.parse(ARCH50).validate(space)
+    splits = load_splits(space)
+    net = Supernet(space, pretrained=False)
+    return space, splits, arch, net.extract(arch, calib=calibration_batches(space, splits)).eval()
+
+
+def _resnet20(args):
+    """ResNet-20, retrained jointly (once, cached)."""
     space = load_space(ROOT / "search_spaces" / "resnet_cifar.yaml", {
         "data.dataset": "imagefolder", "data.root": str(cifar10_root()),
         "data.train_subset": args.train_subset, "data.eval_batch_size": 500,
@@ -67,22 +97,29 @@ def prepare(args):
     space = run.init(space)
     arch = Arch.parse(ARCH).validate(space)
     splits = load_splits(space)
-    torch.set_num_threads(2)
     if not (retrain_dir(run, arch, "joint") / "model.safetensors").is_file():
         retrain(run, arch, space=space, regime="joint", splits=splits)
-    ee_dir, plain_dir = args.work / "export" / "ee", args.work / "export" / "plain"
-    if not (ee_dir / "arch.json").is_file():
-        export_run(run, arch, ee_dir)
-    if not (plain_dir / "arch.json").is_file():
-        model = load_retrained(run, arch, "joint", space)
+    return space, splits, arch, load_retrained(run, arch, "joint", space)
+
+
+def prepare(args):
+    """Train or build the early-exit model, export it and the plain backbone."""
+    torch.set_num_threads(2)
+    space, splits, arch, model = (_resnet50 if args.model == "resnet50" else _resnet20)(args)
+    work = args.work / "export" / args.model
+    ee_dir, plain_dir = work / "ee", work / "plain"
+    source = {"kind": "benchmark", "weights": "model", "model": args.model}
+    if not (ee_dir / "arch.json").is_file() or \
+            json.loads((ee_dir / "arch.json").read_text())["format_version"] < 3:
+        write_export(model, space=space, arch=arch, splits=splits, out=ee_dir, source=source)
+    if not (plain_dir / "arch.json").is_file() or \
+            json.loads((plain_dir / "arch.json").read_text())["format_version"] < 3:
         plain = MultiExitModel(segments=[torch.nn.Sequential(*[m for s in model.segments for m in s])],
                                heads=[model.heads[-1]], policy="max_softmax", thresholds=(),
                                exit_names=["final"])
         plain_arch = Arch(depths=arch.depths, exits=(), policy="max_softmax", thresholds=())
         write_export(plain.eval(), space=space, arch=plain_arch, splits=splits, out=plain_dir,
-                     source={"kind": "retrain", "weights": "model", "regime": "joint",
-                             "path": str(retrain_dir(run, arch, "joint")),
-                             "note": f"backbone of {arch.id}: every segment, final head only"})
+                     source={**source, "note": f"backbone of {arch.id}: every segment, final head only"})
     return space, splits, ee_dir, plain_dir
 
 
@@ -132,21 +169,29 @@ class Timed:
         return out
 
 
+def unfused(p):
+    """The predictor ``p`` running its export's separate segment and head graphs with the exit
+    statistics on the host (the format-2 path; benchmark-only access to its exit calls)."""
+    p._exits = exit_calls(p._b, {}, p._segments, p._heads)
+    return p
+
+
 def breakdown(p, x, batch: int) -> dict:
-    """Seconds in segments, heads, gathering (the rest is the exit rule, numpy bookkeeping and
-    Python dispatch) over one pass; benchmark-only instrumentation of the predictor's parts."""
-    acc = {"segments": 0.0, "heads": 0.0, "gather": 0.0}
-    saved = p._segments, p._heads, p._b.take
-    p._segments = [Timed(f, acc, "segments") for f in saved[0]]
-    p._heads = [Timed(f, acc, "heads") for f in saved[1]]
-    p._b.take = Timed(saved[2], acc, "gather")
+    """ms per sample in the exit calls (fused: segment + head + statistics in one graph;
+    unfused: segments and heads graphs + host statistics), in gathering the samples that go on,
+    and the rest (exit rule, numpy bookkeeping, Python dispatch) over one pass; benchmark-only
+    instrumentation of the predictor's parts."""
+    acc = {"exit_calls": 0.0, "gather": 0.0}
+    saved = p._exits, p._b.take
+    p._exits = [Timed(f, acc, "exit_calls") for f in saved[0]]
+    p._b.take = Timed(saved[1], acc, "gather")
     try:
         t = time.perf_counter()
         _passes(p, x, batch)
         acc["total"] = time.perf_counter() - t
     finally:
-        p._segments, p._heads, p._b.take = saved
-    acc["rule_and_python"] = acc["total"] - acc["segments"] - acc["heads"] - acc["gather"]
+        p._exits, p._b.take = saved
+    acc["rule_and_python"] = acc["total"] - acc["exit_calls"] - acc["gather"]
     return {k: v / len(x) * 1e3 for k, v in acc.items()}  # ms per sample
 
 
@@ -161,21 +206,30 @@ def graph_profile(p, x, batch: int, reps: int) -> list[dict]:
             times.append(time.perf_counter() - t)
         return float(np.median(times)) / batch * 1e3, out
 
-    rows, h = [], x[:batch]
+    rows, h, graphs = [], x[:batch], p.manifest["graphs"]
     for k in range(p.num_exits):
+        exit_ms, _ = median_time(p._exits[k], h)
         seg_ms, feats = median_time(lambda v: p.segment(k, v), h)
         head_ms, _ = median_time(lambda v: p.head(k, v), feats)
-        graphs = p.manifest["graphs"]
         rows.append({"graph": f"segment_{k}", "macs": graphs[f"segment_{k}"]["macs"], "ms_per_sample": seg_ms})
         rows.append({"graph": f"head_{k}", "macs": graphs[f"head_{k}"]["macs"], "ms_per_sample": head_ms})
+        rows.append({"graph": f"exit_{k}", "macs": graphs[f"exit_{k}"]["macs"], "ms_per_sample": exit_ms})
         h = feats
-    total_t = sum(r["ms_per_sample"] for r in rows)
-    total_m = sum(r["macs"] for r in rows)
+    parts = [r for r in rows if not r["graph"].startswith("exit_")]
+    total_t = sum(r["ms_per_sample"] for r in parts)
+    total_m = sum(r["macs"] for r in parts)
     for r in rows:
         r["macs_share"] = r["macs"] / total_m
         r["time_share"] = r["ms_per_sample"] / total_t
         r["ns_per_mac"] = r["ms_per_sample"] * 1e6 / r["macs"]
     return rows
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{os.cpu_count()}-core {line.split(':', 1)[1].strip()}"
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -186,13 +240,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="joint retraining epochs")
     ap.add_argument("--train-subset", type=int, default=10000)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "runtime-bench")
+    ap.add_argument("--model", choices=("resnet20", "resnet50"), default="resnet20")
+    ap.add_argument("--nhwc", action="store_true", help="also time pt2 with channels_last")
     args = ap.parse_args()
+    started, load_before = time.time(), " ".join(f"{v:.2f}" for v in os.getloadavg())
+    if args.model == "resnet50":
+        args.n256 = 0
+    suffix = "" if args.model == "resnet20" else f"_{args.model}"
 
     space, splits, ee_dir, plain_dir = prepare(args)
     torch.set_num_threads(1)
-    variants = {"pt2": ("pt2", False), "pt2_nhwc": ("pt2", True), "onnx": ("onnx", False)}
-    preds = {v: {d.name: load(d, b, threads=1, channels_last=cl) for d in (plain_dir, ee_dir)}
-             for v, (b, cl) in variants.items()}
+    variants = {"pt2": ("pt2", False, False), "onnx": ("onnx", False, False),
+                "pt2_unfused": ("pt2", False, True), "onnx_unfused": ("onnx", False, True)}
+    if args.nhwc:
+        variants["pt2_nhwc"] = ("pt2", True, False)
+    preds = {v: {d.name: (unfused if u else (lambda p: p))(load(d, b, threads=1, channels_last=cl))
+                 for d in (plain_dir, ee_dir)} for v, (b, cl, u) in variants.items()}
     ref = preds["pt2"]["ee"]
     backbone = float(preds["pt2"]["plain"].exit_macs[0])
     costs = ref.exit_macs.astype(np.float64)
@@ -210,8 +273,8 @@ def main() -> None:
     pick = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(0))[:n]
     labels = splits.test.labels[pick].numpy()  # a random subset: the folder order is by class
     x_t = normalize(splits.test.images[pick], splits.mean, splits.std)
-    inputs = {"pt2": x_t, "pt2_nhwc": x_t, "onnx": x_t.numpy()}
-    plans = [(b, 1, args.n1) for b in preds] + [(b, 256, args.n256) for b in preds]
+    inputs = {v: x_t if b == "pt2" else x_t.numpy() for v, (b, _, _) in variants.items()}
+    plans = [(b, 1, args.n1) for b in preds] + [(b, 256, args.n256) for b in preds if args.n256]
 
     def runner(backend: str, name: str):
         if name == "backbone":
@@ -270,14 +333,15 @@ def main() -> None:
         prof += [{"backend": b, "batch": bs, **r}
                  for r in graph_profile(preds[b]["ee"], x, bs, reps=50 if bs == 1 else 7)]
     OUT.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(prof).to_csv(OUT / "graphs.csv", index=False, float_format="%.4f")
+    pd.DataFrame(prof).to_csv(OUT / f"graphs{suffix}.csv", index=False, float_format="%.4f")
     df = pd.DataFrame(rows, columns=COLUMNS)
-    df.to_csv(OUT / "latency.csv", index=False, float_format="%.3f")
-    pd.DataFrame(parts).to_csv(OUT / "breakdown.csv", index=False, float_format="%.4f")
+    df.to_csv(OUT / f"latency{suffix}.csv", index=False, float_format="%.3f")
+    pd.DataFrame(parts).to_csv(OUT / f"breakdown{suffix}.csv", index=False, float_format="%.4f")
     show = df.drop(columns=["exit_fractions"])
-    (OUT / "latency.md").write_text(
-        f"Runtime latency, {platform.processor() or platform.machine()}, 1 thread, "
-        f"{args.rounds} rounds, torch {torch.__version__}\n\n"
+    (OUT / f"latency{suffix}.md").write_text(
+        f"Runtime latency ({args.model}), {_cpu()}, 1 thread, "
+        f"{args.rounds} rounds, torch {torch.__version__}, load before {load_before}, after "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}, {time.time() - started:.0f} s\n\n"
         + show.to_markdown(index=False, floatfmt=".3f") + "\n")
     print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(pd.DataFrame(parts).to_string(index=False, float_format=lambda v: f"{v:.4f}"))

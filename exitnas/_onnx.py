@@ -27,10 +27,12 @@ def decompositions() -> dict:
     return {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_windows}
 
 
-def to_onnx(ep, args: tuple, path: Path, n_out: int) -> None:
+def to_onnx(ep, args: tuple, path: Path, n_out: int | list[str]) -> None:
     """Write ``ep`` (called on ``args``) as ONNX: inputs x (x_0, x_1... when ``args`` hold
-    several tensors), outputs logits (logits_0, logits_1...)."""
-    names = ["logits"] if n_out == 1 else [f"logits_{k}" for k in range(n_out)]
+    several tensors), outputs named ``n_out`` (a list) or logits (logits_0, logits_1... for
+    ``n_out`` outputs)."""
+    names = n_out if isinstance(n_out, list) else \
+        ["logits"] if n_out == 1 else [f"logits_{k}" for k in range(n_out)]
     n_in = len(torch.utils._pytree.tree_leaves(args))
     inputs = ["x"] if n_in == 1 else [f"x_{k}" for k in range(n_in)]
     table = decompositions()
@@ -84,9 +86,9 @@ def write_all(tmp: Path, programs: list, graphs: dict) -> str | None:
     """The ONNX file of every program, each checked on ONNX Runtime against torch. Returns None
     when all are written; at the first graph that fails, removes the ONNX files written so far
     and returns why."""
-    for name, ep, x, ref, n_out in programs:
+    for name, ep, x, ref, outputs in programs:
         try:
-            to_onnx(ep, (x,), tmp / f"{name}.onnx", n_out)
+            to_onnx(ep, (x,), tmp / f"{name}.onnx", outputs)
             diff = check(tmp / f"{name}.onnx", x, ref)
         except Exception as err:  # an optional exporter: never lose the required outputs
             for f in tmp.glob("*.onnx"):

@@ -11,12 +11,19 @@ DIR holds:
                          input shape + normalisation, classes, versions, weight source, graphs,
                          every file with its sha256 (and the weights' tensor shapes)
     weights.safetensors  the MultiExitModel state dict (segments.k.*, heads.k.*)
+    exit_k.pt2           what the runtime calls per exit passed: segment k, head k and the
+                         exit statistics in one graph, features of exit k-1 (or images) ->
+                         (features, conf, entropy, pred); the final exit -> (conf, entropy, pred)
     segment_k.pt2        backbone from exit k-1 (or the input) to exit k: images -> features
-    head_k.pt2           features -> logits of exit k (the last k is the final exit)
+    head_k.pt2           features -> logits of exit k (the last k is the final exit); with
+                         segment_k, for split deployments and per-exit logits
     model.pt2            images -> every exit's logits (a list, final last)
     *.onnx               the same graphs (dynamo exporter) when onnx + onnxscript import
 
-Every graph has a dynamic batch dimension (1 and up). The .pt2 archives hold no pickle: their
+Every graph has a dynamic batch dimension (1 and up). Each graph entry of arch.json names the
+weights it takes from weights.safetensors (``weights_map``: graph state-dict prefix -> model
+prefix). Format 3 added the ``exit_k`` graphs (format 2 exports run segment + head + the
+statistics on the host). The .pt2 archives hold no pickle: their
 weights are torch.export's raw tensor records and their sample inputs are empty (format 2;
 format 1 also wrote a pickled ``weights.pt``, read by nothing, and pickled sample inputs).
 
@@ -47,7 +54,7 @@ from torch import nn
 from . import _onnx
 from .arch import Arch
 from .errors import ExitnasError, RunDirError
-from .model import MultiExitModel
+from .model import ExitGraph, MultiExitModel
 from .runtime import FORMAT, FORMAT_VERSION, sha256_file
 from .rundir import RunDir
 from .space import Space
@@ -137,15 +144,18 @@ def resolve_weights(run: RunDir, space: Space, arch: Arch, splits,
 
 
 # ---- graphs -------------------------------------------------------------------------------
-def _graphs(model: MultiExitModel, shape: tuple[int, ...]) -> list[tuple[str, nn.Module, torch.Tensor, str]]:
-    """(name, module, example input, weights prefix) of every graph to export."""
+def _graphs(model: MultiExitModel, shape: tuple[int, ...]) -> list[tuple[str, nn.Module, torch.Tensor, dict]]:
+    """(name, module, example input, weights map) of every graph to export."""
     x = torch.randn(EXAMPLE_BATCH, *shape, generator=torch.Generator().manual_seed(0))
-    out = [("model", model, x, "")]
+    out = [("model", model, x, {"": ""})]
+    last = model.num_exits - 1
     with torch.no_grad():
         for k, (segment, head) in enumerate(zip(model.segments, model.heads)):
-            out.append((f"segment_{k}", segment, x, f"segments.{k}."))
+            fused = ExitGraph(segment=segment, head=head, final=k == last)
+            out.append((f"exit_{k}", fused, x, {"segment.": f"segments.{k}.", "head.": f"heads.{k}."}))
+            out.append((f"segment_{k}", segment, x, {"": f"segments.{k}."}))
             x = segment(x)
-            out.append((f"head_{k}", head, x, f"heads.{k}."))
+            out.append((f"head_{k}", head, x, {"": f"heads.{k}."}))
     return out
 
 
@@ -172,6 +182,7 @@ def _manifest(*, space: Space, arch: Arch, splits, source: dict, graphs: dict,
         for k, (c, h) in enumerate(zip(c_k, head_cost)):
             graphs[f"segment_{k}"][key] = c - (c_k[k - 1] if k else 0) - h
             graphs[f"head_{k}"][key] = h
+            graphs[f"exit_{k}"][key] = c - (c_k[k - 1] if k else 0)
         graphs["model"][key] = c_k[-1]
     versions = {"exitnas": __version__, "torch": torch.__version__}
     if onnx_skipped is None:
@@ -237,16 +248,19 @@ def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, sou
         batch = torch.export.Dim("batch", min=1)
         graphs: dict[str, dict] = {}
         programs = []
-        for name, module, x, prefix in _graphs(model, shape):
+        for name, module, x, weights in _graphs(model, shape):
             ep = torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
             ep.example_inputs = None  # else torch.export.save pickles them into the archive
             torch.export.save(ep, tmp / f"{name}.pt2")
             with torch.no_grad():
                 ref = module(x)
             outs = ref if isinstance(ref, (list, tuple)) else [ref]
-            graphs[name] = {"pt2": f"{name}.pt2", "weights_prefix": prefix, "input": _shape(x),
-                            "output": [_shape(o) for o in outs] if name == "model" else _shape(outs[0])}
-            programs.append((name, ep, x, ref, len(outs)))
+            graphs[name] = {"pt2": f"{name}.pt2", "weights_map": weights, "input": _shape(x),
+                            "output": _shape(outs[0]) if len(outs) == 1 and name != "model"
+                            else [_shape(o) for o in outs]}
+            names = ["features", "conf", "entropy", "pred"][-len(outs):] \
+                if name.startswith("exit_") else len(outs)
+            programs.append((name, ep, x, ref, names))
         if onnx_skipped is None:
             onnx_skipped = failed = _onnx.write_all(tmp, programs, graphs)
         manifest = _manifest(space=space, arch=arch, splits=splits, source=source, graphs=graphs,

@@ -1,18 +1,26 @@
 """Cost model ``latency``: milliseconds per image, measured with the runtime backend deployed on.
 
-Every segment of the space (stem, each block at each position at full depth, each candidate
-head at each position, the final head) is exported on its own exactly as an export writes its
-graphs (torch.export with a dynamic batch; ONNX through the dynamo exporter) and loaded by
-:mod:`exitnas.runtime`'s backend (``cost.backend``: ``pt2`` or ``onnx``, ``cost.threads``
-intra-op threads). Each round times every graph once, in turn, on a batch of ``cost.batch``
-images (a head together with the runtime's softmax statistics of its logits, which it computes
-after every exit); the cost is the median over ``cost.rounds`` rounds after ``cost.warmup``, in
-ms per image (the batch's time / batch).
+What is timed are graphs written exactly as an export writes them (torch.export with a dynamic
+batch; ONNX through the dynamo exporter), loaded by :mod:`exitnas.runtime`'s backend
+(``cost.backend``: ``pt2`` or ``onnx``, ``cost.threads`` intra-op threads), on a batch of
+``cost.batch`` images:
 
-The runtime calls one graph per segment between exits, not one per block: the time of calling
-a graph that does almost nothing (``overhead``, measured the same way) is taken off every block
-and the stem and put on every head and the final head, so C_k counts one segment call and one
-head call per exit passed, as the runtime makes them.
+- every prefix of the network at full depth: the stem, the stem and the first block, ... up to
+  the last block. A block costs the difference of its prefix and the one before it: its time
+  inside a graph (fused, in the layout the backend keeps between ops), not as a graph of its
+  own, whose conversions and call would be counted once per block;
+- per candidate head (and the final head), the runtime's exit graph (:class:`~exitnas.model.
+  ExitGraph`: a segment, the head and the exit statistics) with the block before the exit as
+  its segment. The head costs that graph less the block's prefix difference: the head, the
+  statistics, the graph call and what it costs to hand features in and out of a graph;
+- a graph that does almost nothing (``overhead``), taken off the stem (whose prefix is a graph
+  call of its own; the call is counted with the head of each exit graph).
+
+So C_k = stem + blocks up to exit k + one exit graph's extra per exit passed, as the runtime
+runs them (one exit graph call per exit passed). Each round times every graph once, in turn;
+the cost is the median over ``cost.rounds`` rounds after ``cost.warmup``, in ms per image (the
+batch's time / batch). Differences below 0 (noise on a block that costs next to nothing) are
+0; a head costs at least the ``overhead`` call.
 
 Tables are cached in ``$EXITNAS_CACHE/latency`` (default ``~/.cache/exitnas/latency``) per
 space fingerprint, input size, backend, batch, threads, rounds, library versions and machine,
@@ -101,50 +109,70 @@ def _settings(space: Space) -> dict:
             "warmup": c.warmup}
 
 
-def _segments(space: Space) -> list[tuple[tuple, nn.Module, torch.Tensor, bool]]:
-    """(segment key, module, example batch, is a head) for every segment, eval mode."""
+def _graphs(space: Space) -> tuple[nn.Module, list[tuple[tuple, nn.Module, torch.Tensor]]]:
+    """The network and (key, module, example batch) of every graph to time (module docs), eval
+    mode: keys
+    ``("overhead",)``, ``("stem",)``, ``("block", stage, block)`` (the prefix that ends with
+    that block), ``("head", stage, block, head)`` and ``("final",)``."""
+    from .model import ExitGraph
     from .supernet import Supernet
 
     net = Supernet(space, pretrained=False).eval()
     shape = (space.input.channels, space.input.size, space.input.size)
     x = torch.randn(space.cost.batch, *shape, generator=torch.Generator().manual_seed(0))
-    out = [(("overhead",), _Overhead(), x, False), (("stem",), net.stem, x, False)]
-    feats = {}
+    out = [(("overhead",), _Overhead(), x), (("stem",), net.stem, x)]
+    images, chain, inputs = x, [net.stem], {}
     with torch.no_grad():
         x = net.stem(x)
         for pos, block in net.walk(space.max_depths):
-            out.append((("block", *pos), block, x, False))
+            inputs[pos] = (block, x)
+            chain.append(block)
+            out.append((("block", *pos), nn.Sequential(*chain), images))
             x = block(x)
-            feats[pos] = x
         for e in net.candidate_exits(space.max_depths):
-            out.append((("head", e.stage, e.block, e.head), net.heads[e.key], feats[e.position], True))
-        out.append((("final",), net.final, x, True))
-    return out
+            block, inp = inputs[e.position]
+            out.append((("head", e.stage, e.block, e.head),
+                        ExitGraph(segment=block, head=net.heads[e.key], final=False), inp))
+        block, inp = inputs[pos]
+        out.append((("final",), ExitGraph(segment=block, head=net.final, final=True), inp))
+    return net, out
 
 
-def _write_graphs(root: Path, segments: list, backend: str) -> list[dict]:
-    """Each segment as a runtime graph entry under ``root`` (the export's way of writing)."""
+def _weights_map(module: nn.Module, names: dict[int, str]) -> dict[str, str]:
+    """The runtime's weights map of a graph made of the network's modules: the module itself,
+    or a wrapper (prefix chain, exit graph) whose children are the network's."""
+    if id(module) in names:
+        return {"": names[id(module)] + "."}
+    return {f"{child}.": names[id(m)] + "." for child, m in module.named_children()}
+
+
+def _write_graphs(root: Path, net: nn.Module, graphs: list, backend: str) -> list[dict]:
+    """Each graph as a runtime graph entry under ``root`` (the export's way of writing), the
+    weights once, as ``net``'s state dict."""
     from . import _onnx
     from .export import EXAMPLE_BATCH
     from .io import save_weights
 
     batch = torch.export.Dim("batch", min=1)
-    state, entries = {}, []
-    for i, (_, module, x, _) in enumerate(segments):
+    names = {id(m): n for n, m in net.named_modules() if n}
+    entries = []
+    for i, (_, module, x) in enumerate(graphs):
         example = x[:1].expand(EXAMPLE_BATCH, *x.shape[1:]).contiguous()  # batch 1 specialises
         ep = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
         ep.example_inputs = None
-        entry = {"weights_prefix": f"g{i}.", "input": [None, *x.shape[1:]]}
+        entry = {"weights_map": _weights_map(module, names), "input": [None, *x.shape[1:]]}
         if backend == "pt2":
             torch.export.save(ep, root / f"g{i}.pt2")
             entry["pt2"] = f"g{i}.pt2"
         else:
-            _onnx.to_onnx(ep, (example,), root / f"g{i}.onnx", 1)
+            with torch.no_grad():
+                outs = module(example)
+            n_out = len(outs) if isinstance(outs, tuple) else 1
+            _onnx.to_onnx(ep, (example,), root / f"g{i}.onnx", n_out)
             entry["onnx"] = f"g{i}.onnx"
-        entry["output"] = [None]
-        state.update({f"g{i}.{k}": v for k, v in module.state_dict().items()})
+        entry["output"] = [None]  # the runtime's ONNX call returns the first output
         entries.append(entry)
-    save_weights(root / "weights.safetensors", state)
+    save_weights(root / "weights.safetensors", net.state_dict())
     return entries
 
 
@@ -174,34 +202,32 @@ def measure(space: Space) -> tuple[CostTable, dict]:
 
 
 def _measure(space: Space) -> tuple[CostTable, dict]:
-    segments = _segments(space)
+    net, graphs = _graphs(space)
     c = space.cost
     with tempfile.TemporaryDirectory(prefix="exitnas-latency-") as tmp:
         root = Path(tmp)
-        entries = _write_graphs(root, segments, c.backend)
+        entries = _write_graphs(root, net, graphs, c.backend)
         b = _backend(root, space)
-        calls = []
-        for (key, _, x, is_head), entry in zip(segments, entries):
-            graph, inp = b.graph(entry), b.as_input(x.numpy())
-            if is_head:
-                calls.append(lambda g=graph, i=inp: b.stats(g(i), True))
-            else:
-                calls.append(lambda g=graph, i=inp: g(i))
+        calls = [(b.graph(entry), b.as_input(x.numpy())) for (_, _, x), entry in zip(graphs, entries)]
         times: list[list[float]] = [[] for _ in calls]
         with b.context():
             for r in range(c.warmup + c.rounds):
-                for i, call in enumerate(calls):
+                for i, (graph, inp) in enumerate(calls):
                     t = time.perf_counter()
-                    call()
+                    graph(inp)
                     if r >= c.warmup:
                         times[i].append(time.perf_counter() - t)
-    medians = {" ".join(map(str, s[0])): 1e3 * statistics.median(t) for s, t in zip(segments, times)}
-    per_image = {s[0]: 1e3 * statistics.median(t) / c.batch for s, t in zip(segments, times)}
-    o = per_image.pop(("overhead",))
-    table = CostTable(
-        unit=MS, stem=max(per_image[("stem",)] - o, 0.0), final=per_image[("final",)] + o,
-        blocks={k[1:]: max(v - o, 0.0) for k, v in per_image.items() if k[0] == "block"},
-        heads={k[1:]: v + o for k, v in per_image.items() if k[0] == "head"},
+    medians = {" ".join(map(str, g[0])): 1e3 * statistics.median(t) for g, t in zip(graphs, times)}
+    per_image = {g[0]: 1e3 * statistics.median(t) / c.batch for g, t in zip(graphs, times)}
+    prefixes = [(k[1:], v) for k, v in per_image.items() if k[0] == "block"]  # network order
+    before = [per_image[("stem",)], *(v for _, v in prefixes)]
+    blocks = {pos: max(v - b, 0.0) for (pos, v), b in zip(prefixes, before)}
+    last, call = prefixes[-1][0], per_image[("overhead",)]
+    table = CostTable(  # an exit graph costs at least a graph call
+        unit=MS, stem=max(per_image[("stem",)] - call, 0.0),
+        final=max(per_image[("final",)] - blocks[last], call),
+        blocks=blocks,
+        heads={k[1:]: max(v - blocks[k[1:3]], call) for k, v in per_image.items() if k[0] == "head"},
         counted=counted(space))
     return table, medians
 
@@ -210,8 +236,9 @@ def counted(space: Space) -> str:
     c = space.cost
     return (f"ms per image measured with the runtime's {c.backend} backend at batch {c.batch}, "
             f"{c.threads} thread(s), median of {c.rounds} interleaved rounds (exitnas.latency); "
-            "C_k = segments up to exit k + every head evaluated on the way, one graph call per "
-            "segment and per head")
+            "blocks as prefix differences, each head as the runtime's exit graph less its "
+            "block; C_k = stem + blocks up to exit k + every head on the way, one exit graph "
+            "call per exit passed")
 
 
 def cached_table(space: Space) -> CostTable:

@@ -89,3 +89,20 @@ def exits_from_logits(logits: list[torch.Tensor], policy: str,
     idx = first_exit(get_policy(policy).exit_mask(early, thresholds))
     cols = torch.arange(idx.numel())
     return Prediction(stats.pred[idx, cols], idx, stats.conf[idx, cols])
+
+
+class ExitGraph(nn.Module):
+    """Segment k, head k and the exit statistics as one graph (what an export runs per exit):
+    ``x -> (features, conf, entropy, pred)``; the final exit (``final=True``) returns
+    ``(conf, entropy, pred)``. The statistics are :meth:`ExitStats.from_logits`, so a runtime
+    leaves the graph only for the exit decision. Its state dict is ``segment.*`` + ``head.*``
+    (the model's ``segments.k.*`` + ``heads.k.*``)."""
+
+    def __init__(self, *, segment: nn.Module, head: nn.Module, final: bool) -> None:
+        super().__init__()
+        self.segment, self.head, self.final = segment, head, final
+
+    def forward(self, x: torch.Tensor):
+        features = self.segment(x)
+        stats = ExitStats.from_logits(self.head(features))
+        return stats if self.final else (features, *stats)

@@ -4,18 +4,19 @@
     result = quantize_export(RunDir(RUN), DIR, out=DIR_INT8)                  # -> QuantizeResult
     p = exitnas.runtime.load(DIR_INT8, "onnx")                               # early exit as before
 
-Every ONNX graph of the fp32 export DIR (segments, heads, whole model) goes through ONNX
+Every ONNX graph of the fp32 export DIR (exit graphs, segments, heads, whole model) goes through ONNX
 Runtime's ``quant_pre_process`` (shape inference, graph optimisation) and ``quantize_static``:
 QDQ format, int8 weights per output channel (symmetric), uint8 activations per tensor
 (asymmetric), MinMax ranges, no reduced range (what ONNX Runtime advises for x86 with VNNI).
 Calibration runs ``--calib-batches`` training batches of RUN (``data.batch_size`` images,
 shuffled with ``supernet.seed``, not augmented: the evaluation view). A graph is calibrated on
-what it sees in the fp32 network: ``model`` and ``segment_0`` on the images, ``segment_k`` on
-segment k-1's fp32 outputs, ``head_k`` on segment k's fp32 outputs.
+what it sees in the fp32 network: ``model``, ``exit_0`` and ``segment_0`` on the images,
+``exit_k`` and ``segment_k`` on segment k-1's fp32 outputs, ``head_k`` on segment k's fp32
+outputs.
 
 Each int8 graph is then run beside its fp32 graph on one val batch (same inputs) and the max
-abs difference of its outputs is recorded (``graphs.<name>.int8_max_abs_diff``; features for a
-segment, logits otherwise), as is each exit's logits difference through the int8 chain
+abs difference of its float outputs is recorded (``graphs.<name>.int8_max_abs_diff``; features
+for a segment, logits for a head, features and statistics for an exit graph), as is each exit's logits difference through the int8 chain
 (``exits[k].int8_max_abs_diff``). They are round-off of 8-bit arithmetic, not zero.
 
 **Thresholds.** Quantisation moves the confidences, so the fp32 thresholds would spend another
@@ -109,8 +110,10 @@ def check_inputs(run: RunDir, export: Path, out: Path, calib_batches: int) -> di
     graphs, exits = manifest.get("graphs"), manifest.get("exits")
     k = len(exits) if isinstance(exits, list) else 0
     want = {"model", *(f"{g}_{i}" for i in range(k) for g in ("segment", "head"))}
-    if not k or not isinstance(graphs, dict) or set(graphs) != want:
-        raise QuantizeError(f"{where}: graphs are not segment_k, head_k (one per exit) and model")
+    fused = want | {f"exit_{i}" for i in range(k)}  # format 3
+    if not k or not isinstance(graphs, dict) or set(graphs) not in (want, fused):
+        raise QuantizeError(f"{where}: graphs are not exit_k (format 3), segment_k, head_k (one "
+                            "per exit) and model")
     listed = {f["path"] for f in manifest["files"]}
     for name, g in graphs.items():
         if not (isinstance(g, dict) and isinstance(g.get("onnx"), str) and g["onnx"] in listed):
@@ -198,7 +201,7 @@ def _graph_inputs(fp32_chain, x: np.ndarray) -> dict[str, np.ndarray]:
     segments, _ = fp32_chain
     out = {"model": x}
     for k, segment in enumerate(segments):
-        out[f"segment_{k}"] = x
+        out[f"segment_{k}"] = out[f"exit_{k}"] = x
         x = segment(x)
         out[f"head_{k}"] = x
     return out
@@ -215,15 +218,17 @@ def exit_stats(backend, manifest: dict, space, splits, split: str = "val"):
     from .evaluate import ArchStats
     from .units import MACS, unit_of
 
-    segments, heads = _chain(backend, manifest)
+    from .runtime import exit_calls
+
+    calls = exit_calls(backend, manifest["graphs"], *_chain(backend, manifest))
     parts, labels = [], []
     for x, y in batches(getattr(splits, split), batch_size=space.data.eval_batch_size,
                         mean=splits.mean, std=splits.std):
         x = np.ascontiguousarray(x.numpy(), dtype=np.float32)
         rows = []
-        for segment, head in zip(segments, heads):
-            x = segment(x)
-            rows.append(backend.stats(head(x), True))
+        for call in calls:
+            x, *stats = backend.row(call(x))
+            rows.append(stats)
         parts.append([np.stack(r) for r in zip(*rows)])  # conf, entropy, pred: [K, n]
         labels.append(y.numpy())
     conf, ent, pred = (np.concatenate([p[i] for p in parts], axis=1) for i in range(3))
@@ -260,9 +265,10 @@ def _quantize_graph(model, inputs: list[np.ndarray], dst: Path, work: Path) -> N
 
 
 def _max_diff(a, b) -> float:
+    """Over the float outputs (an exit graph's pred is a class index)."""
     a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
     return max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
-               for x, y in zip(a, b))
+               for x, y in zip(a, b) if np.asarray(x).dtype.kind == "f")
 
 
 def _check(fp32, int8, manifest: dict, x: np.ndarray) -> tuple[dict, list[float]]:
@@ -290,7 +296,7 @@ def _int8_manifest(fp: dict, *, graphs: dict, exit_diffs: list[float]) -> dict:
     m = json.loads(json.dumps(fp))
     m["precision"] = "int8"
     m["graphs"] = {name: {k: v for k, v in g.items()
-                          if k not in ("pt2", "weights_prefix", "onnx_max_abs_diff")}
+                          if k not in ("pt2", "weights_prefix", "weights_map", "onnx_max_abs_diff")}
                    | {"int8_max_abs_diff": graphs[name]}
                    for name, g in fp["graphs"].items()}
     for e, d in zip(m["exits"], exit_diffs):
@@ -378,8 +384,8 @@ def _describe(export: Path, fp: dict, built: Path, space, splits, calib: list[np
             "split": "train", "batches": len(calib), "batch_size": space.data.batch_size,
             "images": int(sum(len(c) for c in calib)), "shuffle_seed": space.supernet.seed,
             "augmented": False,
-            "inputs": "model, segment_0: the images; segment_k: segment k-1's fp32 outputs; "
-                      "head_k: segment k's fp32 outputs"},
+            "inputs": "model, exit_0, segment_0: the images; exit_k, segment_k: segment "
+                      "k-1's fp32 outputs; head_k: segment k's fp32 outputs"},
         "check": {"split": "val", "images": int(len(check_x)),
                   "what": "max abs diff int8 vs fp32: graphs.<name>.int8_max_abs_diff on the "
                           "same inputs, exits[k].int8_max_abs_diff through the chain"},

@@ -4,8 +4,11 @@
     p = load("runs/r/export/ID")                  # or backend="onnx" (ONNX Runtime)
     pred, exit, cost = p.predict(p.preprocess(images_uint8_nchw))
 
-A batch runs segment by segment; after each exit's head, the samples the policy lets go are
-dropped from the rest of the computation. ``cost`` is C_k of the exit each sample took, in the
+A batch runs exit graph by exit graph (segment k, head k and the exit statistics fused into
+one graph, one call per exit passed; exports before format 3: segment, head and the statistics
+on the host); after each exit, the samples the policy lets go are dropped from the rest of the
+computation. ONNX Runtime sessions: CPU provider, all graph optimisations, sequential
+execution, ``threads`` intra-op threads and one inter-op thread. ``cost`` is C_k of the exit each sample took, in the
 unit of the cost model the search scored with (arch.json ``cost``: ``p.cost_unit`` is ``macs``
 or ``ms``...; exports made before cost models: fvcore MACs). ``p.exit_macs`` holds every exit's
 fvcore MACs whatever the cost model. Needs numpy, plus torch + safetensors for ``.pt2`` or onnxruntime for
@@ -66,7 +69,7 @@ def _exit_rules():
 rules = _exit_rules()
 
 FORMAT = "exitnas-export"
-FORMAT_VERSION = 2  # 2: no weights.pt, .pt2 sample inputs empty (1: both pickled)
+FORMAT_VERSION = 3  # 3: exit_k graphs; 2: no weights.pt, .pt2 sample inputs empty (1: both pickled)
 BACKENDS = ("pt2", "onnx")
 
 
@@ -395,6 +398,31 @@ def _pt2_members(z, path: Path, format_version: int) -> dict:
 
 
 # ---- backends -----------------------------------------------------------------------------
+def _weights_map(entry: dict) -> dict[str, str]:
+    """{graph state-dict prefix: weights.safetensors prefix} of a graph entry (format 2 and
+    older: one ``weights_prefix``)."""
+    if "weights_map" not in entry:
+        return {"": entry["weights_prefix"]}
+    m = entry["weights_map"]
+    if not (isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                        for k, v in m.items())):
+        raise ExportError(f"arch.json: weights_map {str(m)[:80]!r} is not a map of prefixes")
+    return m
+
+
+def session_options(ort, threads: int | None):
+    """The ONNX Runtime session options every graph runs with: all graph optimisations,
+    sequential execution, ``threads`` intra-op threads (None: ONNX Runtime's default) and one
+    inter-op thread."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
 class _Torch:
     """``.pt2`` programs with the weights from weights.safetensors."""
 
@@ -419,8 +447,8 @@ class _Torch:
             module = torch.export.load(archive).module(check_guards=False)
         except Exception as err:
             raise ExportError(f"{path}: does not load ({str(err).splitlines()[0][:160]})") from None
-        prefix = entry["weights_prefix"]
-        sub = {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
+        sub = {mine + k[len(theirs):]: v for mine, theirs in _weights_map(entry).items()
+               for k, v in self.state.items() if k.startswith(theirs)}
         try:
             module.load_state_dict(sub, strict=True)
         except RuntimeError as err:
@@ -441,6 +469,12 @@ class _Torch:
 
     def take(self, x, keep: np.ndarray):
         return x[self.torch.from_numpy(keep)]
+
+    def row(self, outputs):
+        """An exit graph's outputs -> (features or None, conf, entropy, pred), stats in numpy."""
+        *features, conf, ent, pred = outputs
+        stats = (t if isinstance(t, np.ndarray) else t.numpy() for t in (conf, ent, pred))
+        return ((features[0] if features else None), *stats)
 
     def stats(self, logits, entropy: bool):
         """(conf, entropy or None, pred) exactly as exitnas.policy.ExitStats.from_logits, so
@@ -466,10 +500,7 @@ class _Onnx:
         self.ort, self.root, self.threads = ort, root, threads
 
     def graph(self, entry: dict):
-        opts = self.ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
+        opts = session_options(self.ort, self.threads)
         path = self.root / entry["onnx"]
         try:  # from bytes: an external-data reference cannot read other files
             sess = self.ort.InferenceSession(path.read_bytes(), opts, providers=["CPUExecutionProvider"])
@@ -489,6 +520,11 @@ class _Onnx:
     def take(self, x, keep: np.ndarray):
         return x[keep]
 
+    def row(self, outputs):
+        """An exit graph's outputs -> (features or None, conf, entropy, pred)."""
+        *features, conf, ent, pred = outputs
+        return (features[0] if features else None), conf, ent, pred
+
     def stats(self, logits, entropy: bool):
         """(conf, entropy or None, pred) in float32: max softmax = 1 / sum(exp(z - max z)),
         entropy = log(sum) - sum(exp(z - max z) * (z - max z)) / sum."""
@@ -501,6 +537,24 @@ class _Onnx:
 
 
 # ---- the predictor ------------------------------------------------------------------------
+def exit_calls(backend, graphs: dict, segments: list, heads: list) -> list:
+    """One call per exit, x -> (features, conf, entropy, pred) (the final exit: (conf,
+    entropy, pred)): the ``exit_k`` graphs (format 3), else segment k, head k and the
+    backend's statistics on the host."""
+    if "exit_0" in graphs:
+        return [backend.graph(graphs[f"exit_{k}"]) for k in range(len(segments))]
+
+    def unfused(k: int):
+        segment, head, last = segments[k], heads[k], k == len(segments) - 1
+
+        def call(x):
+            features = segment(x)
+            stats = backend.stats(head(features), True)
+            return stats if last else (features, *stats)
+        return call
+    return [unfused(k) for k in range(len(segments))]
+
+
 class Predictor:
     """Segments, heads and the early-exit rule of one export (see :func:`load`)."""
 
@@ -510,6 +564,7 @@ class Predictor:
         self.num_exits = len(manifest["exits"])
         self._segments = [backend.graph(graphs[f"segment_{k}"]) for k in range(self.num_exits)]
         self._heads = [backend.graph(graphs[f"head_{k}"]) for k in range(self.num_exits)]
+        self._exits = exit_calls(backend, graphs, self._segments, self._heads)
         self._whole = None
         self.exit_macs = np.array([e["macs"] for e in manifest["exits"]], dtype=np.int64)
         self.exit_names = [e["name"] for e in manifest["exits"]]
@@ -564,6 +619,13 @@ class Predictor:
         with self._b.context():
             return self._segments[k](self._input(x, f"segment_{k}"))
 
+    def exit(self, k: int, x) -> tuple:
+        """Exit k as :meth:`predict` runs it, on every sample of ``x`` (features of exit k-1,
+        or the images): (features for exit k+1 or None at the final exit, conf, entropy,
+        pred), the statistics in numpy."""
+        with self._b.context():
+            return self._b.row(self._exits[k](self._input(x, f"segment_{k}")))
+
     def head(self, k: int, features):
         """Logits of exit k from segment k's output."""
         with self._b.context():
@@ -593,8 +655,7 @@ class Predictor:
         for k in range(self.num_exits):
             if alive.size == 0:
                 break
-            x = self._segments[k](x)
-            conf, ent, p = b.stats(self._heads[k](x), self._entropy and k < last)
+            x, conf, ent, p = b.row(self._exits[k](x))
             if k == last:
                 pred[alive] = p
                 break

@@ -131,9 +131,14 @@ def test_manifest_describes_the_export(exported):
     assert names == sorted(listed + ["arch.json"])
     kinds = ("pt2", "onnx") if HAVE_ONNX else ("pt2",)
     for k in range(3):
-        assert {f"{g}_{k}.{ext}" for g in ("segment", "head") for ext in kinds} <= set(names)
+        assert {f"{g}_{k}.{ext}" for g in ("exit", "segment", "head") for ext in kinds} <= set(names)
+        g = m["graphs"]
+        assert g[f"exit_{k}"]["weights_map"] == {"segment.": f"segments.{k}.", "head.": f"heads.{k}."}
+        # an exit graph costs its segment and its head
+        assert g[f"exit_{k}"]["macs"] == g[f"segment_{k}"]["macs"] + g[f"head_{k}"]["macs"]
+        assert g[f"exit_{k}"]["output"][-3:] == [[None]] * 3
     assert {f"model.{ext}" for ext in kinds} | {"weights.safetensors"} <= set(names)
-    assert "weights.pt" not in names and m["format_version"] == 2  # format 2: no pickle at all
+    assert "weights.pt" not in names and m["format_version"] == 3  # no pickle at all
     for f in m["files"]:
         assert f["sha256"] == sha256_file(out / f["path"])
     weights = next(f for f in m["files"] if f["path"] == "weights.safetensors")
@@ -333,7 +338,7 @@ def test_a_graph_without_onnx_keeps_the_required_outputs(tmp_path):
     m = json.loads((out / "arch.json").read_text())
     assert m["onnx_skipped"] in err and "onnx" not in m["versions"]
     names = sorted(p.name for p in out.iterdir())
-    graphs = ["model"] + [f"{g}_{k}" for g in ("segment", "head") for k in range(3)]
+    graphs = ["model"] + [f"{g}_{k}" for g in ("exit", "segment", "head") for k in range(3)]
     assert names == sorted([f"{g}.pt2" for g in graphs] + ["arch.json", "weights.safetensors"])
     assert all("onnx" not in g for g in m["graphs"].values())
     x = torch.randn(5, 3, 8, 8)

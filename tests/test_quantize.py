@@ -76,8 +76,8 @@ def made(tmp_path_factory) -> dict:
 
 
 def _stats(p, manifest: dict, space, splits):
-    """ArchStats of predictor ``p`` over val through its public segment / head calls, with
-    max softmax and entropy computed here (float32, as the runtime's ONNX backend)."""
+    """ArchStats of predictor ``p`` over val through its public exit calls (exit graph k:
+    features for the next exit and the statistics the runtime decides on)."""
     from exitnas.data import batches
     from exitnas.evaluate import ArchStats
     from exitnas.units import unit_of
@@ -87,12 +87,8 @@ def _stats(p, manifest: dict, space, splits):
                         std=splits.std):
         h, rows = x.numpy(), []
         for k in range(p.num_exits):
-            h = p.segment(k, h)
-            z = p.head(k, h).astype(np.float32)
-            s = z - z.max(axis=1, keepdims=True)
-            e = np.exp(s)
-            total = e.sum(axis=1)
-            rows.append((1 / total, np.log(total) - (e * s).sum(axis=1) / total, z.argmax(1)))
+            h, *stats = p.exit(k, h)
+            rows.append(stats)
         parts.append([np.stack(r) for r in zip(*rows)])
         labels.append(y.numpy())
     conf, ent, pred = (np.concatenate([q[i] for q in parts], axis=1) for i in range(3))

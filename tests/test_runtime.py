@@ -388,6 +388,57 @@ def test_format_1_export_loads_without_opening_its_pickles(exported, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_one_fused_graph_call_per_exit_passed(exported, backend):
+    """Format 3 runs exit graph k (segment, head and the statistics) once per exit a sample
+    reaches, nothing else: the separate segment and head graphs are never called."""
+    from exitnas.runtime import load
+
+    p, model, x = load(exported["out"], backend), exported["model"], exported["x"]
+    calls = []
+
+    def counted(k, call):
+        def wrapped(h):
+            calls.append((k, int(h.shape[0])))
+            return call(h)
+        return wrapped
+
+    def never(*_):
+        raise AssertionError("an unfused segment or head graph was called")
+
+    p._exits = [counted(k, c) for k, c in enumerate(p._exits)]
+    p._segments = p._heads = [never] * p.num_exits
+    got, ref = p.predict(_native(x, backend)), model.predict(x)
+    assert np.array_equal(got.pred, ref.pred.numpy()) and np.array_equal(got.exit, ref.exit.numpy())
+    reached = [int((ref.exit >= k).sum()) for k in range(p.num_exits)]
+    assert calls == [(k, n) for k, n in enumerate(reached)]  # samples that left are not run
+
+
+def test_format_2_export_runs_segments_and_heads(exported, tmp_path):
+    """An export made before exit graphs (format 2: segment_k, head_k, weights_prefix) runs
+    segment, head and the statistics on the host, with the same predictions and exits."""
+    from exitnas.runtime import load
+
+    out = tmp_path / "v2"
+    shutil.copytree(exported["out"], out)
+    m = json.loads((out / "arch.json").read_text())
+    for name in [n for n in m["graphs"] if n.startswith("exit_")]:
+        for ext in ("pt2", "onnx"):
+            (out / f"{name}.{ext}").unlink(missing_ok=True)
+        del m["graphs"][name]
+    for g in m["graphs"].values():
+        g["weights_prefix"] = g.pop("weights_map")[""]
+    m["files"] = [f for f in m["files"] if not f["path"].startswith("exit_")]
+    m["format_version"] = 2
+    (out / "arch.json").write_text(json.dumps(m))
+    x, model = exported["x"], exported["model"]
+    for backend in BACKENDS:
+        p = load(out, backend)
+        assert "exit_0" not in p.manifest["graphs"]
+        got, ref = p.predict(_native(x, backend)), model.predict(x)
+        assert np.array_equal(got.pred, ref.pred.numpy()) and np.array_equal(got.exit, ref.exit.numpy())
+
+
 @pytest.mark.parametrize("kind", ["member", "deflated", "op", "name", "not a zip"])
 def test_pt2_outside_the_allowlist_is_refused(exported, tmp_path, kind):
     """What the allowlist keeps out besides pickles: unknown members, compressed members (torch
