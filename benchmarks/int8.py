@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="joint retraining epochs")
     ap.add_argument("--train-subset", type=int, default=10000)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "runtime-bench")
+    ap.set_defaults(model="resnet20")  # runtime_latency.prepare's ResNet-20
     args = ap.parse_args()
 
     space, splits, ee_dir, _ = prepare(args)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -113,6 +114,7 @@ def run_phase(args) -> pd.DataFrame:
     space = load_space(quick, sets)
     half = 0.5 * cost_table(space).backbone()
     run_dir = args.work / "quickstart-ms"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run of the current code and table, not resumed
     cmd = [sys.executable, "-m", "exitnas", "run", str(quick), "--run-dir", str(run_dir),
            *[f"--set={k}={v}" for k, v in {**sets, "search.budget": f"{half:.6f}ms",
                                              "search.deploy_budgets": "null"}.items()]]

@@ -23,9 +23,9 @@ batch's time / batch). Differences below 0 (noise on a block that costs next to 
 0; a head costs at least the ``overhead`` call.
 
 Tables are cached in ``$EXITNAS_CACHE/latency`` (default ``~/.cache/exitnas/latency``) per
-space fingerprint, input size, backend, batch, threads, rounds, library versions and machine,
-as a CSV of :mod:`exitnas.cost_csv`'s format next to a JSON that records the machine and the
-settings. Delete the file to measure again.
+measuring method (``METHOD``), space fingerprint, input size, backend, batch, threads, rounds,
+library versions and machine, as a CSV of :mod:`exitnas.cost_csv`'s format next to a JSON
+that records the machine and the settings. Delete the file to measure again.
 """
 from __future__ import annotations
 
@@ -102,9 +102,13 @@ def cache_dir() -> Path:
     return Path(root) / "latency"
 
 
+METHOD = 2  # 2: prefix differences and exit graphs (1: one graph per block and per head)
+
+
 def _settings(space: Space) -> dict:
     c = space.cost
-    return {"fingerprint": space.fingerprint, "input": [space.input.channels, space.input.size],
+    return {"method": METHOD, "fingerprint": space.fingerprint,
+            "input": [space.input.channels, space.input.size],
             "backend": c.backend, "batch": c.batch, "threads": c.threads, "rounds": c.rounds,
             "warmup": c.warmup}
 
