@@ -11,6 +11,8 @@ re-estimated for its depths) ships exactly what the search scored: the same val 
 expected cost (``val_accuracy``, ``val_expected_<unit>``). With ``search.thresholds: evolved``
 a trial's own thresholds count at every budget its expected cost fits under. Costs are in the
 unit of the study's cost model (``picks.json`` keys name it: ``budget_macs``, ``budget_ms``).
+Picks are uncalibrated (search scoring is, :mod:`exitnas.calibration`) and so is their export;
+``exitnas finetune`` calibrates a pick (``policy.calibration``) and re-fits its thresholds.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ the extracted model's early-exit forward (``MultiExitModel.predict``)::
 Scoring runs in numpy over float32 statistics with each policy's numpy rule
 (:mod:`exitnas.exit_rules`, the rules the runtime applies), which compares as the policy's torch
 rule does (``conf >= float32(t)``, ``entropy <= float32(t)``, equal argmax for patience).
-Exactness holds up to the CPU kernels themselves: per-sample logits can differ in the last bits
+The cached statistics are uncalibrated (the supernet's raw logits): search scoring does not
+apply ``policy.calibration`` (:mod:`exitnas.calibration`). Exactness holds up to the CPU kernels themselves: per-sample logits can differ in the last bits
 with the batch a sample is computed in, which only matters for a sample whose confidence lies
 within those bits of a threshold.
 """
@@ -260,13 +261,14 @@ class ArchStats:
     def from_model(cls, model, batches: Iterable, *, costs: CostTable, arch: Arch) -> "ArchStats":
         """One pass of a standalone ``MultiExitModel`` of ``arch`` (eval mode, every exit
         computed for every sample) over ``batches`` of (images, labels); costs from
-        ``costs``."""
+        ``costs``. The statistics are those ``model.predict`` decides on: each exit's logits
+        divided by the model's temperature (:mod:`exitnas.calibration`; 1 unless set)."""
         was = model.training
         model.eval()
         parts, labels = [], []
         try:
             for x, y in batches:
-                s = ExitStats.stack(model.forward_exits(x))
+                s = ExitStats.stack(model.calibrated_exits(x))
                 parts.append((s.conf, s.entropy, s.pred))
                 labels.append(y)
         finally:

@@ -13,11 +13,13 @@ DIR holds:
     weights.safetensors  the MultiExitModel state dict (segments.k.*, heads.k.*)
     exit_k.pt2           what the runtime calls per exit passed: segment k, head k and the
                          exit statistics in one graph, features of exit k-1 (or images) ->
-                         (features, conf, entropy, pred); the final exit -> (conf, entropy, pred)
+                         (features, conf, entropy, pred); the final exit -> (conf, entropy, pred);
+                         the statistics are of the logits divided by T_k (a constant)
     segment_k.pt2        backbone from exit k-1 (or the input) to exit k: images -> features
     head_k.pt2           features -> logits of exit k (the last k is the final exit); with
-                         segment_k, for split deployments and per-exit logits
-    model.pt2            images -> every exit's logits (a list, final last)
+                         segment_k, for split deployments and per-exit logits (raw: not
+                         divided by T_k)
+    model.pt2            images -> every exit's logits (a list, final last; raw)
     *.onnx               the same graphs (dynamo exporter) when onnx + onnxscript import
 
 Every graph has a dynamic batch dimension (1 and up). Each graph entry of arch.json names the
@@ -32,6 +34,14 @@ a graph does not convert (an op without an ONNX function) or ONNX Runtime disagr
 the export is still completed without ONNX files (arch.json's ``onnx_skipped`` says which graph
 and why) and then :class:`OnnxExportError` is raised: one line, exit status 2 from the CLI.
 ``--no-onnx`` skips ONNX on purpose.
+
+**Calibration.** ``arch.json`` ``exits[k].temperature`` is T_k (:mod:`exitnas.calibration`):
+the one stored with the exported weights (``calibration.json`` beside a retrained / fine-tuned
+``model.safetensors``, checked against its sha256; ``source.calibration`` says which), else 1.
+The exit graphs divide by it, a runtime that computes the statistics on the host divides by
+it, and an export without the field behaves as T_k = 1 (``source`` has no ``calibration``
+entry when none was stored). The supernet's sub-network ships with
+T_k = 1: its thresholds were fitted by the search on uncalibrated statistics.
 
 The weights come from ``--weights``, else the retrained model (RUN/retrain/<arch id>/<regime>/,
 the config's regime first; an arch with the same depths and exits but other thresholds also
@@ -118,10 +128,23 @@ def _retrained(run: RunDir, space: Space, arch: Arch):
                 yield d / regime / "model.safetensors", regime
 
 
+def _calibrated(model: MultiExitModel, path: Path, source: dict) -> tuple[MultiExitModel, dict]:
+    """``model`` (the weights of ``path``) with the temperatures stored beside them, if any."""
+    from . import calibration
+
+    fitted = calibration.load(path, model.num_exits)  # malformed or stale: one line
+    if fitted is None:  # none stored: T_k = 1
+        return model, source
+    model.set_temperatures(fitted.temperatures)
+    return model, {**source, "calibration": {"method": fitted.method,
+                                             "path": str(path.parent / calibration.FILE)}}
+
+
 def resolve_weights(run: RunDir, space: Space, arch: Arch, splits,
                     weights: str | os.PathLike | None = None) -> tuple[MultiExitModel, dict]:
-    """The model to export and a description of its source: ``weights`` (a model or supernet
-    safetensors), else the retrained model (see :func:`_retrained`), else the supernet."""
+    """The model to export (with its temperatures) and a description of its source:
+    ``weights`` (a model or supernet safetensors), else the retrained model (see
+    :func:`_retrained`), else the supernet."""
     from .io import load_weights
     from .supernet import load_model
 
@@ -129,12 +152,12 @@ def resolve_weights(run: RunDir, space: Space, arch: Arch, splits,
         path = Path(weights)
         state = load_weights(path)  # refuses pickles
         if any(k.startswith("segments.") for k in state):
-            return load_model(space, arch, path, state), {
-                "kind": "weights", "path": str(path), "weights": "model"}
+            return _calibrated(load_model(space, arch, path, state), path, {
+                "kind": "weights", "path": str(path), "weights": "model"})
         return _supernet_source(path, space, arch, splits, "weights")
     for path, regime in _retrained(run, space, arch):
-        return load_model(space, arch, path), {
-            "kind": "retrain", "path": str(path), "regime": regime, "weights": "model"}
+        return _calibrated(load_model(space, arch, path), path, {
+            "kind": "retrain", "path": str(path), "regime": regime, "weights": "model"})
     path = run.path / "supernet" / "weights.safetensors"
     if path.is_file():
         return _supernet_source(path, space, arch, splits, "supernet")
@@ -151,7 +174,8 @@ def _graphs(model: MultiExitModel, shape: tuple[int, ...]) -> list[tuple[str, nn
     last = model.num_exits - 1
     with torch.no_grad():
         for k, (segment, head) in enumerate(zip(model.segments, model.heads)):
-            fused = ExitGraph(segment=segment, head=head, final=k == last)
+            fused = ExitGraph(segment=segment, head=head, final=k == last,
+                              temperature=model.temperatures[k])
             out.append((f"exit_{k}", fused, x, {"segment.": f"segments.{k}.", "head.": f"heads.{k}."}))
             out.append((f"segment_{k}", segment, x, {"": f"segments.{k}."}))
             x = segment(x)
@@ -165,7 +189,7 @@ def _shape(t) -> list:
 
 # ---- the manifest -------------------------------------------------------------------------
 def _manifest(*, space: Space, arch: Arch, splits, source: dict, graphs: dict,
-              onnx_skipped: str | None) -> dict:
+              onnx_skipped: str | None, temperatures: tuple[float, ...]) -> dict:
     from . import __version__
     from .cost import cost_table, mac_table
 
@@ -195,9 +219,10 @@ def _manifest(*, space: Space, arch: Arch, splits, source: dict, graphs: dict,
         "arch": arch.to_json(),
         "policy": {"name": arch.policy, "thresholds": list(arch.thresholds)},
         "exits": [{"index": k, "name": n, "position": p, "head": h, "macs": m,
-                   "relative_macs": m / mac_backbone, "cost": c, "relative_cost": c / backbone}
-                  for k, (n, p, h, m, c) in enumerate(zip(names, positions, heads, mac_costs,
-                                                          costs))],
+                   "relative_macs": m / mac_backbone, "cost": c, "relative_cost": c / backbone,
+                   "temperature": t}
+                  for k, (n, p, h, m, c, t) in enumerate(zip(names, positions, heads, mac_costs,
+                                                             costs, temperatures))],
         "macs": {"backbone": mac_backbone, "arch_backbone": macs.backbone(arch.depths),
                  "counted": macs.counted},
         "cost": {"model": space.cost.model, "unit": table.unit.key, "label": table.unit.label,
@@ -227,7 +252,8 @@ def _file_entry(root: Path, name: str) -> dict:
 
 def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, source: dict,
                  out: str | os.PathLike, onnx: bool = True) -> ExportResult:
-    """Write the export of ``model`` (eval mode) to ``out`` atomically. Raises
+    """Write the export of ``model`` (eval mode; its ``temperatures`` go into the exit graphs
+    and arch.json) to ``out`` atomically. Raises
     :class:`OnnxExportError` after writing it without ONNX when a graph does not convert."""
     from .io import save_weights
 
@@ -264,7 +290,7 @@ def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, sou
         if onnx_skipped is None:
             onnx_skipped = failed = _onnx.write_all(tmp, programs, graphs)
         manifest = _manifest(space=space, arch=arch, splits=splits, source=source, graphs=graphs,
-                             onnx_skipped=onnx_skipped)
+                             onnx_skipped=onnx_skipped, temperatures=model.temperatures)
         names = sorted(p.name for p in tmp.iterdir())
         manifest["files"] = [_file_entry(tmp, n) for n in names]
         (tmp / "arch.json").write_text(json.dumps(manifest, indent=2) + "\n")

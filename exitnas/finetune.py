@@ -17,24 +17,30 @@ channels_last are ``retrain``'s settings (``retrain.loss``, ``retrain.optim``, .
 that are already trained usually want a lower learning rate than training from scratch
 (``--set retrain.optim.lr=0.01``).
 
-**Thresholds.** After training, the exit thresholds are fitted on val
+**Calibration, then thresholds.** After training, ``policy.calibration`` is fitted on val
+(:mod:`exitnas.calibration`: with ``temperature``, one T_k per exit) and the model's exit
+statistics are divided by it from then on; then the exit thresholds are fitted on val
 (:func:`~exitnas.thresholds.fit_thresholds`) for the cost the inherited model has: the budget
 is the inherited model's expected cost on val with ``arch``'s own thresholds (in the space's
 cost unit; arch.json's keys name it: ``budget_macs``, ``expected_ms``). So the fine-tuned
 model keeps the cost target the search scored ``arch`` at (a searched arch's thresholds were
 fitted for the search budget, and its expected cost is at most that) and is compared with the
 inherited one at equal cost. Statistics for fitting are computed on the CPU, as the export and
-its runtime compute them. A policy whose thresholds are not fitted (``Policy.fitted`` false:
-``patience``) keeps ``arch``'s parameters.
+its runtime compute them, and calibrated: the thresholds are fitted on the statistics the
+export will decide on (the inherited model's budget is its uncalibrated cost, what the search
+scored). A policy whose thresholds are not fitted (``Policy.fitted`` false: ``patience``)
+keeps ``arch``'s parameters.
 
-Outputs: ``RUN/finetune/<structure id>/<regime>/{model.safetensors, arch.json, metrics.csv,
-checkpoint.pt}``; the structure id is the arch id without its thresholds
+Outputs: ``RUN/finetune/<structure id>/<regime>/{model.safetensors, calibration.json,
+arch.json, metrics.csv, checkpoint.pt}`` (``calibration.json``: the T_k, bound to the
+weights' sha256; arch.json's ``calibration`` repeats what the thresholds were fitted with); the structure id is the arch id without its thresholds
 (``d2.2~s0b1=conv~max_softmax``), since the trained weights do not depend on them. arch.json
 holds the fitted arch (``exitnas export RUN --arch arch.json --weights model.safetensors``), its
 val accuracy and expected cost, and the inherited model's. A killed run resumes from its last
 epoch with the weights of an uninterrupted one; a checkpoint of another structure, regime,
 space, supernet or settings is refused. Rerunning a finished run writes nothing, except that an
-arch of the same structure with other thresholds (another budget) re-fits arch.json.
+arch of the same structure with other thresholds (another budget) re-fits arch.json, and
+another ``policy.calibration`` re-fits calibration.json and arch.json (the weights stay).
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from typing import Callable
 
 import torch
 
+from . import calibration
 from ._config import to_dict
 from .arch import Arch
 from .data import Splits, batches, load_splits
@@ -94,15 +101,18 @@ def finetune_settings(space: Space, epochs: int, supernet: Path) -> dict:
                          "seed": space.supernet.seed}}
 
 
+def _val_batches(space: Space, splits: Splits):
+    return batches(splits.val, batch_size=space.data.eval_batch_size, mean=splits.mean,
+                   std=splits.std)
+
+
 def val_stats(model: MultiExitModel, arch: Arch, space: Space, splits: Splits) -> ArchStats:
-    """``model``'s exit statistics on val (CPU, ``data.eval_batch_size``) with ``arch``'s
-    costs."""
+    """``model``'s exit statistics on val (CPU, ``data.eval_batch_size``; divided by the
+    model's temperatures) with ``arch``'s costs."""
     from .cost import cost_table
 
-    costs = cost_table(space)
-    data = batches(splits.val, batch_size=space.data.eval_batch_size, mean=splits.mean,
-                   std=splits.std)
-    return ArchStats.from_model(model, data, costs=costs, arch=arch)
+    return ArchStats.from_model(model, _val_batches(space, splits), costs=cost_table(space),
+                                arch=arch)
 
 
 def fit_arch(stats: ArchStats, arch: Arch, space: Space, budget: float) -> tuple[Arch, dict]:
@@ -175,41 +185,59 @@ def finetune(run_dir: RunDir, arch: Arch, *, space: Space, regime: str,
     result = run_loop(spec, state, space=space, splits=splits, dist=dist, log=log)
     set_phase(model, 2)  # every parameter trainable again for whoever uses the model next
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    manifest = _manifest_if_same(out, arch, unit) if result.finished_before else None
-    if manifest is None:
+    cal, reused = calibration.reuse_or_fit(model, out / "model.safetensors",
+                                           space.policy.calibration,
+                                           lambda: _val_batches(space, splits),
+                                           reuse=result.finished_before)
+    model.set_temperatures(cal.temperatures)  # the thresholds are fitted on these statistics
+    manifest = _manifest_if_same(out, arch, unit, cal) if result.finished_before else None
+    refit = manifest is None
+    if refit:
         budget = before[unit.name("expected")]
         fitted, after = fit_arch(val_stats(model, arch, space, splits), arch, space, budget)
         manifest = {"arch": fitted.to_json(), "space": space.name,
                     "fingerprint": space.fingerprint, "regime": regime, "epochs": epochs,
                     "loss": cfg.loss, "exit_names": model.exit_names, "cost_unit": unit.key,
-                    unit.name("budget"): budget, "val": after, "inherited": before}
-        if dist.is_main:
-            _write(out, model, manifest, weights=not result.finished_before)
-            if result.finished_before and log:
-                log(f"thresholds re-fitted for the expected cost of {arch.id}: {out}/arch.json")
+                    unit.name("budget"): budget, "calibration": cal.to_json(), "val": after,
+                    "inherited": before}
+    if dist.is_main:
+        _write(out, model, manifest, weights=not result.finished_before,
+               fitted=None if reused else cal, arch_json=refit)
+        if result.finished_before and refit and log:
+            log(f"thresholds re-fitted for the expected cost of {arch.id}: {out}/arch.json")
     dist.barrier()
     return FinetuneResult(out, model, Arch.from_json(manifest["arch"]), regime, manifest,
                           result.history, result.resumed_from)
 
 
-def _write(out: Path, model: MultiExitModel, manifest: dict, *, weights: bool) -> None:
+def _write(out: Path, model: MultiExitModel, manifest: dict, *, weights: bool,
+           fitted: "calibration.Fitted | None", arch_json: bool) -> None:
+    """Weights, then calibration.json (``fitted``, bound to their sha256), then arch.json:
+    each only when asked for."""
     if weights:
         save_weights(out / "model.safetensors", model.state_dict(), {
             "space": manifest["space"], "fingerprint": manifest["fingerprint"],
             "arch": manifest["arch"]["id"], "regime": manifest["regime"], "kind": "finetune"})
-    atomic_write_json(out / "arch.json", manifest)
+    if fitted is not None:
+        calibration.store(out / "model.safetensors", fitted)
+    if arch_json:
+        atomic_write_json(out / "arch.json", manifest)
 
 
-def _manifest_if_same(out: Path, arch: Arch, unit) -> dict | None:
+def _manifest_if_same(out: Path, arch: Arch, unit, cal: "calibration.Fitted") -> dict | None:
     """The arch.json of a finished run when it was fitted for ``arch`` (same budget, same
-    cost unit)."""
+    cost unit) on statistics of the same calibration (older files: none, T_k = 1)."""
     try:
         manifest = json.loads((out / "arch.json").read_text())
     except (OSError, ValueError):
         return None
     inherited = manifest.get("inherited") if isinstance(manifest, dict) else None
+    old = manifest.get("calibration") if isinstance(manifest, dict) else None
+    old = old if isinstance(old, dict) else {"method": "none",
+                                             "temperatures": [1.0] * len(cal.temperatures)}
     same = isinstance(inherited, dict) and inherited.get("arch") == arch.id \
-        and manifest.get("cost_unit", "macs") == unit.key
+        and manifest.get("cost_unit", "macs") == unit.key \
+        and (old.get("method"), old.get("temperatures")) == (cal.method, list(cal.temperatures))
     return manifest if same else None
 
 

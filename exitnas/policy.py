@@ -23,6 +23,11 @@ scorer (:mod:`exitnas.evaluate`) and the runtime find it; the space file's ``pol
 gains ``margin_range`` (:class:`~exitnas.space.PolicyConfig`), the genome draws ``mrg<k>``
 per early exit (:class:`~exitnas.search.Genome`), and ``fitted = True`` (a
 :class:`~exitnas.exit_rules.Threshold` rule) lets :mod:`exitnas.thresholds` fit them instead.
+
+Calibration (``policy.calibration``, :mod:`exitnas.calibration`) is an option of every policy:
+the statistics are computed from each exit's logits divided by its temperature T_k, so
+``max_softmax`` and ``entropy`` decide on calibrated confidences / entropies, and
+``patience`` is unaffected (T_k > 0 keeps every argmax). No policy needs code for it.
 """
 from __future__ import annotations
 

@@ -80,10 +80,17 @@ def find_models(run: RunDir) -> list[ModelEntry]:
 
 
 def load_model(space, entry: ModelEntry):
-    """The model of a report entry (eval mode): :func:`exitnas.supernet.load_model`."""
+    """The model of a report entry (eval mode): :func:`exitnas.supernet.load_model`, with the
+    temperatures stored beside its weights (:mod:`exitnas.calibration`; none: T_k = 1), so its
+    statistics are those its thresholds were fitted on."""
+    from . import calibration
     from .supernet import load_model as load
 
-    return load(space, entry.arch.validate(space), entry.weights)
+    model = load(space, entry.arch.validate(space), entry.weights)
+    fitted = calibration.load(entry.weights, model.num_exits)
+    if fitted is not None:
+        model.set_temperatures(fitted.temperatures)
+    return model
 
 
 def _fmt_params(values) -> str:

@@ -22,7 +22,11 @@ search scored it). Continuing from the inherited weights without a phase 1 is fi
 (:mod:`exitnas.finetune`, which reuses the phases defined here).
 
 Training runs in :mod:`exitnas.loop`, one loop phase per regime phase. Outputs:
-``RUN/retrain/<arch id>/<regime>/{model.safetensors, checkpoint.pt, metrics.csv, arch.json}``.
+``RUN/retrain/<arch id>/<regime>/{model.safetensors, calibration.json, checkpoint.pt,
+metrics.csv, arch.json}``. After training, ``policy.calibration`` is fitted on val
+(:mod:`exitnas.calibration`; the arch's thresholds are kept, not re-fitted) and stored in
+``calibration.json``, bound to the weights' sha256, which the export bakes in; a rerun of a
+finished run with another ``policy.calibration`` re-fits that file only.
 A killed run continues from its last epoch; a checkpoint of another arch, regime, space or
 settings is refused.
 """
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import calibration
 from ._config import to_dict
 from .arch import Arch
 from .data import Splits, load_splits
@@ -285,13 +290,15 @@ def retrain(run_dir: RunDir, arch: Arch, *, space: Space, regime: str | None = N
     result = run_loop(spec, state, space=space, splits=splits, dist=dist, log=log)
     history = result.history
     if result.finished_before:
-        return RetrainResult(out, model.eval(), arch, regime, plan, history, result.resumed_from)
+        _calibrate(model.eval(), spec.final, space, splits, dist, reuse=True)
+        return RetrainResult(out, model, arch, regime, plan, history, result.resumed_from)
     set_phase(model, 2)  # leave every parameter trainable for whoever uses the model next
     model.eval()
     if dist.is_main:
         meta = {"space": space.name, "fingerprint": space.fingerprint, "arch": arch.id,
                 "regime": regime}
         save_weights(spec.final, model.state_dict(), meta)
+        _calibrate(model, spec.final, space, splits, dist, reuse=False)
         last = history[-1] if history else {}
         atomic_write_json(out / "arch.json", {
             "arch": arch.to_json(), "space": space.name, "fingerprint": space.fingerprint,
@@ -305,11 +312,35 @@ def retrain(run_dir: RunDir, arch: Arch, *, space: Space, regime: str | None = N
     return RetrainResult(out, model, arch, regime, plan, history, result.resumed_from)
 
 
+def _calibrate(model: MultiExitModel, weights: Path, space: Space, splits: Splits, dist: Dist,
+               *, reuse: bool) -> None:
+    """Set ``model``'s temperatures by ``policy.calibration``: the stored ones (``reuse``: a
+    finished run, same method, same weights) or fitted on val and stored beside ``weights``
+    (rank 0 only; the other ranks keep T_k = 1)."""
+    from .data import batches
+
+    if not dist.is_main:
+        return
+    cal, reused = calibration.reuse_or_fit(
+        model, weights, space.policy.calibration,
+        lambda: batches(splits.val, batch_size=space.data.eval_batch_size, mean=splits.mean,
+                        std=splits.std), reuse=reuse)
+    model.set_temperatures(cal.temperatures)
+    if not reused:
+        calibration.store(weights, cal)
+
+
 def load_retrained(run_dir: RunDir, arch: Arch, regime: str, space: Space) -> MultiExitModel:
-    """The model written by :func:`retrain` (eval mode)."""
+    """The model written by :func:`retrain` (eval mode) with the temperatures stored beside
+    it (none stored: T_k = 1)."""
     from .supernet import load_model
 
-    return load_model(space, arch, retrain_dir(run_dir, arch, regime) / "model.safetensors")
+    path = retrain_dir(run_dir, arch, regime) / "model.safetensors"
+    model = load_model(space, arch, path)
+    fitted = calibration.load(path, model.num_exits)
+    if fitted is not None:
+        model.set_temperatures(fitted.temperatures)
+    return model
 
 
 __all__ = ["REGIMES", "phase_plan", "retrain", "RetrainResult", "retrain_dir", "set_phase",

@@ -7,9 +7,12 @@
 A batch runs exit graph by exit graph (segment k, head k and the exit statistics fused into
 one graph, one call per exit passed; exports before format 3: segment, head and the statistics
 on the host); after each exit, the samples the policy lets go are dropped from the rest of the
-computation. ONNX Runtime sessions: CPU provider, all graph optimisations, sequential
-execution, ``threads`` intra-op threads and one inter-op thread. ``cost`` is C_k of the exit each sample took, in the
-unit of the cost model the search scored with (arch.json ``cost``: ``p.cost_unit`` is ``macs``
+computation. The statistics are of exit k's logits divided by its temperature T_k (arch.json
+``exits[k].temperature``, absent: 1): a constant inside the exit graphs, a division on the host
+otherwise; ``head`` and ``all_exits`` return raw logits (``p.temperatures`` holds every T_k).
+ONNX Runtime sessions: CPU provider, all graph optimisations, sequential execution,
+``threads`` intra-op threads and one inter-op thread. ``cost`` is C_k of the exit each sample
+took, in the unit of the cost model the search scored with (arch.json ``cost``: ``p.cost_unit`` is ``macs``
 or ``ms``...; exports made before cost models: fvcore MACs). ``p.exit_macs`` holds every exit's
 fvcore MACs whatever the cost model. Needs numpy, plus torch + safetensors for ``.pt2`` or onnxruntime for
 ``.onnx`` (the ONNX path imports no torch). The exit rules come from ``exit_rules.py``
@@ -476,9 +479,12 @@ class _Torch:
         stats = (t if isinstance(t, np.ndarray) else t.numpy() for t in (conf, ent, pred))
         return ((features[0] if features else None), *stats)
 
-    def stats(self, logits, entropy: bool):
-        """(conf, entropy or None, pred) exactly as exitnas.policy.ExitStats.from_logits, so
-        decisions match the in-repo model bit for bit."""
+    def stats(self, logits, entropy: bool, temperature: float = 1.0):
+        """(conf, entropy or None, pred) of ``logits / temperature`` exactly as
+        exitnas.policy.ExitStats.from_logits of exitnas.calibration.scale_logits, so decisions
+        match the in-repo model bit for bit."""
+        if temperature != 1.0:
+            logits = logits / temperature
         logp = self.torch.log_softmax(logits.float(), dim=1)
         prob = logp.exp()
         conf, pred = prob.max(dim=1)
@@ -525,10 +531,13 @@ class _Onnx:
         *features, conf, ent, pred = outputs
         return (features[0] if features else None), conf, ent, pred
 
-    def stats(self, logits, entropy: bool):
-        """(conf, entropy or None, pred) in float32: max softmax = 1 / sum(exp(z - max z)),
-        entropy = log(sum) - sum(exp(z - max z) * (z - max z)) / sum."""
+    def stats(self, logits, entropy: bool, temperature: float = 1.0):
+        """(conf, entropy or None, pred) in float32 of z = logits / float32(temperature): max
+        softmax = 1 / sum(exp(z - max z)), entropy = log(sum) - sum(exp(z - max z) * (z - max
+        z)) / sum."""
         z = logits.astype(np.float32, copy=False)
+        if temperature != 1.0:
+            z = z / np.float32(temperature)
         shifted = z - z.max(axis=1, keepdims=True)
         e = np.exp(shifted)
         total = e.sum(axis=1)
@@ -537,19 +546,35 @@ class _Onnx:
 
 
 # ---- the predictor ------------------------------------------------------------------------
-def exit_calls(backend, graphs: dict, segments: list, heads: list) -> list:
+def exit_temperatures(manifest: dict) -> tuple[float, ...]:
+    """T_k of every exit from arch.json ``exits[k].temperature`` (absent: 1), each a number
+    in [1e-30, 1e30] (a positive float32: the graphs divide in float32)."""
+    out = []
+    for k, e in enumerate(manifest["exits"]):
+        t = e.get("temperature", 1.0)
+        if type(t) not in (int, float) or not 1e-30 <= t <= 1e30:
+            raise ExportError(f"arch.json: exits[{k}].temperature {repr(t)[:40]} is not a "
+                              "number in [1e-30, 1e30]")
+        out.append(float(t))
+    return tuple(out)
+
+
+def exit_calls(backend, graphs: dict, segments: list, heads: list,
+               temperatures: tuple[float, ...] | None = None) -> list:
     """One call per exit, x -> (features, conf, entropy, pred) (the final exit: (conf,
-    entropy, pred)): the ``exit_k`` graphs (format 3), else segment k, head k and the
-    backend's statistics on the host."""
+    entropy, pred)): the ``exit_k`` graphs (format 3; T_k inside them), else segment k, head k
+    and the backend's statistics of the logits / T_k on the host (``temperatures``, None: all
+    1)."""
     if "exit_0" in graphs:
         return [backend.graph(graphs[f"exit_{k}"]) for k in range(len(segments))]
+    temperatures = temperatures or (1.0,) * len(segments)
 
     def unfused(k: int):
         segment, head, last = segments[k], heads[k], k == len(segments) - 1
 
         def call(x):
             features = segment(x)
-            stats = backend.stats(head(features), True)
+            stats = backend.stats(head(features), True, temperatures[k])
             return stats if last else (features, *stats)
         return call
     return [unfused(k) for k in range(len(segments))]
@@ -562,9 +587,10 @@ class Predictor:
         self.root, self.manifest, self._b = root, manifest, backend
         graphs = manifest["graphs"]
         self.num_exits = len(manifest["exits"])
+        self.temperatures = exit_temperatures(manifest)
         self._segments = [backend.graph(graphs[f"segment_{k}"]) for k in range(self.num_exits)]
         self._heads = [backend.graph(graphs[f"head_{k}"]) for k in range(self.num_exits)]
-        self._exits = exit_calls(backend, graphs, self._segments, self._heads)
+        self._exits = exit_calls(backend, graphs, self._segments, self._heads, self.temperatures)
         self._whole = None
         self.exit_macs = np.array([e["macs"] for e in manifest["exits"]], dtype=np.int64)
         self.exit_names = [e["name"] for e in manifest["exits"]]
@@ -627,12 +653,13 @@ class Predictor:
             return self._b.row(self._exits[k](self._input(x, f"segment_{k}")))
 
     def head(self, k: int, features):
-        """Logits of exit k from segment k's output."""
+        """Logits of exit k from segment k's output (raw: the exit decides on them divided by
+        ``temperatures[k]``)."""
         with self._b.context():
             return self._heads[k](self._input(features, f"head_{k}"))
 
     def all_exits(self, x) -> list:
-        """Every exit's logits from the whole-model graph (no early exit)."""
+        """Every exit's raw logits from the whole-model graph (no early exit)."""
         if self._whole is None:
             self._whole = self._b.graph(self.manifest["graphs"]["model"])
         with self._b.context():

@@ -22,7 +22,7 @@ from typing import Literal
 
 import yaml
 
-from . import blocks, cost, cost_csv, data, heads, latency, losses, policy, topology, tv_family  # noqa: F401 (registers)
+from . import blocks, calibration, cost, cost_csv, data, heads, latency, losses, policy, topology, tv_family  # noqa: F401 (registers)
 from . import units
 from ._config import field, from_dict, read_yaml, to_dict, with_overrides
 from .errors import ConfigError
@@ -103,14 +103,15 @@ class ExitsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyConfig:
-    """The ``policy`` section, read through the policy registry: ``names`` and one
+    """The ``policy`` section, read through the policy registry: ``names``, one
     ``[low, high]`` key per registered policy's parameters (:class:`exitnas.policy.Param`;
-    ``threshold_range``, ``entropy_range`` and ``patience_range`` for the built-in ones). Its
-    fields are those of :meth:`config_schema`, the subclass made from the registry."""
+    ``threshold_range``, ``entropy_range`` and ``patience_range`` for the built-in ones) and
+    ``calibration`` (:data:`exitnas.calibration.CALIBRATIONS`). Its fields are those of
+    :meth:`config_schema`, the subclass made from the registry."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if f.name != "names":
+            if f.name not in _POLICY_KEYS:
                 lo, hi = getattr(self, f.name)
                 if lo > hi:
                     raise ConfigError(f"low end {lo} is above high end {hi}", path=f.name)
@@ -129,9 +130,12 @@ def _read_policy(data: dict) -> PolicyConfig:
     return from_dict(PolicyConfig, data)
 
 
+_POLICY_KEYS = ("names", "calibration")  # the policy section's keys that are not ranges
+
+
 @functools.lru_cache(maxsize=16)
 def _policy_schema(registered: tuple) -> type[PolicyConfig]:
-    """``names`` plus every registered policy's key, in registration order."""
+    """``names``, every registered policy's key in registration order, then ``calibration``."""
     doc = f"exit policies the search may pick: {', '.join(n for n, _ in registered)}"
     fields = [("names", tuple[str, ...], field(("max_softmax",), nonempty=True,
                                                choices=policy.POLICIES, doc=doc))]
@@ -141,6 +145,8 @@ def _policy_schema(registered: tuple) -> type[PolicyConfig]:
             bounds = {k: v for k, v in (("ge", p.ge), ("le", p.le)) if v is not None}
             kind = tuple[int, int] if p.integer else tuple[float, float]
             fields.append((p.key, kind, field(p.default, doc=p.doc, **bounds)))
+    fields.append(("calibration", str, field("none", choices=calibration.CALIBRATIONS,
+                                             doc=calibration.space_doc())))
     return dataclasses.make_dataclass(
         "PolicyConfig", fields, bases=(PolicyConfig,), frozen=True, kw_only=True,
         namespace={"__module__": __name__, "__doc__": PolicyConfig.__doc__})

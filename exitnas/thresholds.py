@@ -16,6 +16,10 @@ for one exit at a time, with the others fixed, every threshold on the grid is sc
 leaves there instead of where it would go next), and the best feasible one is kept. A step
 never lowers accuracy and never leaves the budget, so the result is never below either start.
 
+The statistics are whatever ``stats`` holds: after ``policy.calibration`` (fine-tuning divides
+each exit's logits by its temperature first, :mod:`exitnas.calibration`) they are calibrated,
+and the thresholds fitted here are for those.
+
 Thresholds live on the arch id's grid (4 decimals, :class:`~exitnas.arch.Arch` rounds to it)
 and are compared in float32 as the scorer, the model and the runtime compare them; the returned
 accuracy and cost are the scorer's own numbers for the returned thresholds.

@@ -85,7 +85,7 @@ def test_builtin_policies_read_the_space_keys_they_always_had():
     assert (p.threshold_range, p.entropy_range, p.patience_range) == ((0.5, 1.0), (0.0, 1.5), (1, 3))
     rows = {r[0]: r[1:] for r in reference_rows() if r[0].startswith("policy.")}
     assert list(rows) == ["policy.names", "policy.threshold_range", "policy.entropy_range",
-                          "policy.patience_range"]
+                          "policy.patience_range", "policy.calibration"]
     assert rows["policy.patience_range"] == ("tuple[int, int]", "[1, 3]", "patience p (exits that agree)")
     assert rows["policy.names"][2].endswith("max_softmax, entropy, patience")
     fitted = {n: (get_policy(n).fitted, get_policy(n).budgeted_batch) for n in POLICIES.in_order()}

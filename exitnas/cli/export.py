@@ -36,6 +36,8 @@ class Export:
             what += ", arch extracted after BN recalibration"
         print(f"exported {result.arch.id} to {result.out}")
         print(f"weights: {what}: {src['path']}")
+        if "calibration" in src:  # temperatures stored with the weights (exitnas.calibration)
+            print(f"calibration: {src['calibration']['method']}: {src['calibration']['path']}")
         print("onnx: " + ("written" if result.onnx_skipped is None
                           else f"skipped ({result.onnx_skipped})"))
         print(f"files: {', '.join(result.files)}")
