@@ -14,10 +14,10 @@ realistic, then exported (exitnas.export). Model ``resnet50``: torchvision's Res
 with BatchNorm re-estimated on train batches (training it is out of reach on 2 cores; the
 weights decide which samples leave, not what a graph costs), batch 1 only.
 
-Variants: ``pt2`` and ``onnx`` run the export as the runtime does (format 3: one fused exit
-graph per exit passed: segment, head and the exit statistics); ``pt2_unfused`` /
-``onnx_unfused`` run the same export's separate segment and head graphs with the statistics on
-the host (what format-2 exports do), side by side in the same rounds. The plain backbone is the same trained weights
+Variants: ``pt2`` and ``onnx`` run the export as the runtime does (pt2: segment and head
+graphs, statistics on the host; ONNX Runtime: one fused exit graph per exit passed, segment,
+head and the exit statistics); ``pt2_fused`` / ``onnx_unfused`` run the same export the other
+way, side by side in the same rounds. The plain backbone is the same trained weights
 (every segment, final head only) exported as its own one-segment model, run by the same
 runtime. Thresholds: one max-softmax threshold shared by all exits, bisected on VAL so the
 expected MACs / plain-backbone MACs hit each target; timed on TEST images.
@@ -170,8 +170,15 @@ class Timed:
 
 def unfused(p):
     """The predictor ``p`` running its export's separate segment and head graphs with the exit
-    statistics on the host (the format-2 path; benchmark-only access to its exit calls)."""
-    p._exits = exit_calls(p._b, {}, p._segments, p._heads)
+    statistics on the host (benchmark-only access to its exit calls)."""
+    p._exits = exit_calls(p._b, {}, p._segments, p._heads, p.temperatures)
+    return p
+
+
+def fused(p):
+    """The predictor ``p`` running its export's fused exit graphs whatever its backend does."""
+    graphs = p.manifest["graphs"]
+    p._exits = [p._b.graph(graphs[f"exit_{k}"]) for k in range(p.num_exits)]
     return p
 
 
@@ -242,12 +249,13 @@ def main() -> None:
 
     space, splits, ee_dir, plain_dir = prepare(args)
     torch.set_num_threads(1)
-    variants = {"pt2": ("pt2", False, False), "onnx": ("onnx", False, False),
-                "pt2_unfused": ("pt2", False, True), "onnx_unfused": ("onnx", False, True)}
+    same = lambda p: p  # noqa: E731 - the runtime's own way
+    variants = {"pt2": ("pt2", False, same), "onnx": ("onnx", False, same),
+                "pt2_fused": ("pt2", False, fused), "onnx_unfused": ("onnx", False, unfused)}
     if args.nhwc:
-        variants["pt2_nhwc"] = ("pt2", True, False)
-    preds = {v: {d.name: (unfused if u else (lambda p: p))(load(d, b, threads=1, channels_last=cl))
-                 for d in (plain_dir, ee_dir)} for v, (b, cl, u) in variants.items()}
+        variants["pt2_nhwc"] = ("pt2", True, same)
+    preds = {v: {d.name: way(load(d, b, threads=1, channels_last=cl))
+                 for d in (plain_dir, ee_dir)} for v, (b, cl, way) in variants.items()}
     ref = preds["pt2"]["ee"]
     backbone = float(preds["pt2"]["plain"].exit_macs[0])
     costs = ref.exit_macs.astype(np.float64)

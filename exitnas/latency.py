@@ -9,15 +9,17 @@ batch; ONNX through the dynamo exporter), loaded by :mod:`exitnas.runtime`'s bac
   the last block. A block costs the difference of its prefix and the one before it: its time
   inside a graph (fused, in the layout the backend keeps between ops), not as a graph of its
   own, whose conversions and call would be counted once per block;
-- per candidate head (and the final head), the runtime's exit graph (:class:`~exitnas.model.
-  ExitGraph`: a segment, the head and the exit statistics) with the block before the exit as
-  its segment. The head costs that graph less the block's prefix difference: the head, the
-  statistics, the graph call and what it costs to hand features in and out of a graph;
+- per candidate head (and the final head), the exit as the runtime's backend runs it
+  (:func:`exitnas.runtime.exit_calls`) with the block before the exit as its segment: ONNX
+  Runtime one exit graph (:class:`~exitnas.model.ExitGraph`: segment, head and the exit
+  statistics), pt2 the block's graph, the head's graph and the statistics on the host. The head
+  costs that call less the block's prefix difference: the head, the statistics, the graph
+  calls and what it costs to hand features in and out of a graph;
 - a graph that does almost nothing (``overhead``), taken off the stem (whose prefix is a graph
   call of its own; the call is counted with the head of each exit graph).
 
-So C_k = stem + blocks up to exit k + one exit graph's extra per exit passed, as the runtime
-runs them (one exit graph call per exit passed). Each round times every graph once, in turn;
+So C_k = stem + blocks up to exit k + one exit's extra per exit passed, as the runtime runs
+them. Each round times every graph once, in turn;
 the cost is the median over ``cost.rounds`` rounds after ``cost.warmup``, in ms per image (the
 batch's time / batch). Differences below 0 (noise on a block that costs next to nothing) are
 0; a head costs at least the ``overhead`` call.
@@ -102,7 +104,7 @@ def cache_dir() -> Path:
     return Path(root) / "latency"
 
 
-METHOD = 2  # 2: prefix differences and exit graphs (1: one graph per block and per head)
+METHOD = 3  # 3: prefixes, exits as the runtime runs them (2: exit graphs; 1: a graph per block)
 
 
 def _settings(space: Space) -> dict:
@@ -113,32 +115,35 @@ def _settings(space: Space) -> dict:
             "warmup": c.warmup}
 
 
-def _graphs(space: Space) -> tuple[nn.Module, list[tuple[tuple, nn.Module, torch.Tensor]]]:
-    """The network and (key, module, example batch) of every graph to time (module docs), eval
-    mode: keys
-    ``("overhead",)``, ``("stem",)``, ``("block", stage, block)`` (the prefix that ends with
-    that block), ``("head", stage, block, head)`` and ``("final",)``."""
+def _graphs(space: Space, fused: bool) -> tuple[nn.Module, list[tuple[tuple, list[nn.Module], torch.Tensor]]]:
+    """The network and (key, graphs, example batch) of every call to time (module docs), eval
+    mode: keys ``("overhead",)``, ``("stem",)``, ``("block", stage, block)`` (the prefix that
+    ends with that block), each one graph; ``("head", stage, block, head)`` and ``("final",)``:
+    an exit as the runtime runs it, the exit graph of the block before it and the head
+    (``fused``) or that block's graph and the head's graph."""
     from .model import ExitGraph
     from .supernet import Supernet
 
     net = Supernet(space, pretrained=False).eval()
     shape = (space.input.channels, space.input.size, space.input.size)
     x = torch.randn(space.cost.batch, *shape, generator=torch.Generator().manual_seed(0))
-    out = [(("overhead",), _Overhead(), x), (("stem",), net.stem, x)]
+    out = [(("overhead",), [_Overhead()], x), (("stem",), [net.stem], x)]
     images, chain, inputs = x, [net.stem], {}
+
+    def exit_(block, head, final):
+        return [ExitGraph(segment=block, head=head, final=final)] if fused else [block, head]
     with torch.no_grad():
         x = net.stem(x)
         for pos, block in net.walk(space.max_depths):
             inputs[pos] = (block, x)
             chain.append(block)
-            out.append((("block", *pos), nn.Sequential(*chain), images))
+            out.append((("block", *pos), [nn.Sequential(*chain)], images))
             x = block(x)
         for e in net.candidate_exits(space.max_depths):
             block, inp = inputs[e.position]
-            out.append((("head", e.stage, e.block, e.head),
-                        ExitGraph(segment=block, head=net.heads[e.key], final=False), inp))
+            out.append((("head", e.stage, e.block, e.head), exit_(block, net.heads[e.key], False), inp))
         block, inp = inputs[pos]
-        out.append((("final",), ExitGraph(segment=block, head=net.final, final=True), inp))
+        out.append((("final",), exit_(block, net.final, True), inp))
     return net, out
 
 
@@ -150,34 +155,44 @@ def _weights_map(module: nn.Module, names: dict[int, str]) -> dict[str, str]:
     return {f"{child}.": names[id(m)] + "." for child, m in module.named_children()}
 
 
-def _write_graphs(root: Path, net: nn.Module, graphs: list, backend: str) -> list[dict]:
-    """Each graph as a runtime graph entry under ``root`` (the export's way of writing), the
-    weights once, as ``net``'s state dict."""
+def _write_graphs(root: Path, net: nn.Module, calls: list, backend: str) -> list[list[dict]]:
+    """Each graph of each call as a runtime graph entry under ``root`` (the export's way of
+    writing; a call's graphs chained on its example batch), the weights once, as ``net``'s
+    state dict."""
     from . import _onnx
     from .export import EXAMPLE_BATCH
     from .io import save_weights
 
     batch = torch.export.Dim("batch", min=1)
     names = {id(m): n for n, m in net.named_modules() if n}
-    entries = []
-    for i, (_, module, x) in enumerate(graphs):
+    entries, i = [], 0
+    for _, modules, x in calls:
         example = x[:1].expand(EXAMPLE_BATCH, *x.shape[1:]).contiguous()  # batch 1 specialises
-        ep = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
-        ep.example_inputs = None
-        entry = {"weights_map": _weights_map(module, names), "input": [None, *x.shape[1:]]}
-        if backend == "pt2":
-            torch.export.save(ep, root / f"g{i}.pt2")
-            entry["pt2"] = f"g{i}.pt2"
-        else:
+        entries.append([])
+        for module in modules:
+            ep = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
+            ep.example_inputs = None
+            entry = {"weights_map": _weights_map(module, names), "input": [None, *example.shape[1:]]}
             with torch.no_grad():
                 outs = module(example)
-            n_out = len(outs) if isinstance(outs, tuple) else 1
-            _onnx.to_onnx(ep, (example,), root / f"g{i}.onnx", n_out)
-            entry["onnx"] = f"g{i}.onnx"
-        entry["output"] = [None]  # the runtime's ONNX call returns the first output
-        entries.append(entry)
+            if backend == "pt2":
+                torch.export.save(ep, root / f"g{i}.pt2")
+                entry["pt2"] = f"g{i}.pt2"
+            else:
+                n_out = len(outs) if isinstance(outs, tuple) else 1
+                _onnx.to_onnx(ep, (example,), root / f"g{i}.onnx", n_out)
+                entry["onnx"] = f"g{i}.onnx"
+            entry["output"] = [None]  # the runtime's ONNX call returns the first output
+            entries[-1].append(entry)
+            example, i = (outs[0] if isinstance(outs, tuple) else outs), i + 1
     save_weights(root / "weights.safetensors", net.state_dict())
     return entries
+
+
+def _backend_class(space: Space):
+    from . import runtime
+
+    return runtime._Torch if space.cost.backend == "pt2" else runtime._Onnx
 
 
 def _backend(root: Path, space: Space):
@@ -186,6 +201,18 @@ def _backend(root: Path, space: Space):
     if space.cost.backend == "pt2":
         return runtime._Torch(root, {"format_version": runtime.FORMAT_VERSION}, space.cost.threads)
     return runtime._Onnx(root, {}, space.cost.threads)
+
+
+def _call(b, key: tuple, entries: list[dict]):
+    """What the runtime calls for ``key``: one graph, or an exit (:func:`exitnas.runtime.
+    exit_calls`: the exit graph, or the block's and the head's graphs and host statistics)."""
+    from .runtime import exit_calls
+
+    if key[0] not in ("head", "final"):
+        return b.graph(entries[0])
+    if len(entries) == 1:
+        return exit_calls(b, {"exit_0": entries[0]}, [None], [None])[0]
+    return exit_calls(b, {}, [b.graph(entries[0])], [b.graph(entries[1])])[0]
 
 
 def measure(space: Space) -> tuple[CostTable, dict]:
@@ -206,13 +233,13 @@ def measure(space: Space) -> tuple[CostTable, dict]:
 
 
 def _measure(space: Space) -> tuple[CostTable, dict]:
-    net, graphs = _graphs(space)
+    net, graphs = _graphs(space, _backend_class(space).fused_exits)
     c = space.cost
     with tempfile.TemporaryDirectory(prefix="exitnas-latency-") as tmp:
         root = Path(tmp)
         entries = _write_graphs(root, net, graphs, c.backend)
         b = _backend(root, space)
-        calls = [(b.graph(entry), b.as_input(x.numpy())) for (_, _, x), entry in zip(graphs, entries)]
+        calls = [(_call(b, key, e), b.as_input(x.numpy())) for (key, _, x), e in zip(graphs, entries)]
         times: list[list[float]] = [[] for _ in calls]
         with b.context():
             for r in range(c.warmup + c.rounds):
@@ -240,9 +267,8 @@ def counted(space: Space) -> str:
     c = space.cost
     return (f"ms per image measured with the runtime's {c.backend} backend at batch {c.batch}, "
             f"{c.threads} thread(s), median of {c.rounds} interleaved rounds (exitnas.latency); "
-            "blocks as prefix differences, each head as the runtime's exit graph less its "
-            "block; C_k = stem + blocks up to exit k + every head on the way, one exit graph "
-            "call per exit passed")
+            "blocks as prefix differences, each head as the runtime runs an exit less its "
+            "block; C_k = stem + blocks up to exit k + every head on the way")
 
 
 def cached_table(space: Space) -> CostTable:

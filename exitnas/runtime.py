@@ -4,15 +4,17 @@
     p = load("runs/r/export/ID")                  # or backend="onnx" (ONNX Runtime)
     pred, exit, cost = p.predict(p.preprocess(images_uint8_nchw))
 
-A batch runs exit graph by exit graph (segment k, head k and the exit statistics fused into
-one graph, one call per exit passed; exports before format 3: segment, head and the statistics
-on the host); after each exit, the samples the policy lets go are dropped from the rest of the
-computation. The statistics are of exit k's logits divided by its temperature T_k (arch.json
-``exits[k].temperature``, absent: 1): a constant inside the exit graphs, a division on the host
-otherwise; ``head`` and ``all_exits`` return raw logits (``p.temperatures`` holds every T_k).
-ONNX Runtime sessions: CPU provider, all graph optimisations, sequential execution,
-``threads`` intra-op threads and one inter-op thread. ``cost`` is C_k of the exit each sample
-took, in the unit of the cost model the search scored with (arch.json ``cost``: ``p.cost_unit`` is ``macs``
+A batch runs exit by exit; after each exit, the samples the policy lets go are dropped from the
+rest of the computation. ONNX Runtime runs the fused exit graphs (segment k, head k and the exit
+statistics in one graph, one session call per exit passed); pt2 runs segment k and head k and
+computes the statistics on the host, which measured faster for torch.export programs on CPU
+(results/runtime/README.md); exports before format 3 run that way on both. The statistics are
+of exit k's logits divided by its temperature T_k (arch.json ``exits[k].temperature``, absent:
+1): a constant inside the exit graphs, a division on the host otherwise; ``head`` and
+``all_exits`` return raw logits (``p.temperatures`` holds every T_k). ONNX Runtime sessions:
+CPU provider, all graph optimisations, sequential execution, ``threads`` intra-op threads and
+one inter-op thread. ``cost`` is C_k of the exit each sample took, in the unit of the cost
+model the search scored with (arch.json ``cost``: ``p.cost_unit`` is ``macs``
 or ``ms``...; exports made before cost models: fvcore MACs). ``p.exit_macs`` holds every exit's
 fvcore MACs whatever the cost model. Needs numpy, plus torch + safetensors for ``.pt2`` or onnxruntime for
 ``.onnx`` (the ONNX path imports no torch). The exit rules come from ``exit_rules.py``
@@ -427,7 +429,12 @@ def session_options(ort, threads: int | None):
 
 
 class _Torch:
-    """``.pt2`` programs with the weights from weights.safetensors."""
+    """``.pt2`` programs with the weights from weights.safetensors. Exits run as segment and
+    head graphs with the statistics on the host (``fused_exits``): measured on CPU, one
+    torch.export graph of segment + head + statistics runs slower than those parts
+    (results/runtime/README.md)."""
+
+    fused_exits = False
 
     def __init__(self, root: Path, manifest: dict, threads: int | None,
                  channels_last: bool = False) -> None:
@@ -493,7 +500,10 @@ class _Torch:
 
 
 class _Onnx:
-    """ONNX Runtime sessions (weights inside the .onnx files); no torch."""
+    """ONNX Runtime sessions (weights inside the .onnx files); no torch. Exits run as the
+    fused exit graphs (one session call per exit) where the export has them."""
+
+    fused_exits = True
 
     def __init__(self, root: Path, manifest: dict, threads: int | None) -> None:
         try:
@@ -562,10 +572,10 @@ def exit_temperatures(manifest: dict) -> tuple[float, ...]:
 def exit_calls(backend, graphs: dict, segments: list, heads: list,
                temperatures: tuple[float, ...] | None = None) -> list:
     """One call per exit, x -> (features, conf, entropy, pred) (the final exit: (conf,
-    entropy, pred)): the ``exit_k`` graphs (format 3; T_k inside them), else segment k, head k
-    and the backend's statistics of the logits / T_k on the host (``temperatures``, None: all
-    1)."""
-    if "exit_0" in graphs:
+    entropy, pred)): the ``exit_k`` graphs (format 3; T_k inside them) where the backend runs
+    exits fused (``fused_exits``), else segment k, head k and the backend's statistics of the
+    logits / T_k on the host (``temperatures``, None: all 1)."""
+    if "exit_0" in graphs and backend.fused_exits:
         return [backend.graph(graphs[f"exit_{k}"]) for k in range(len(segments))]
     temperatures = temperatures or (1.0,) * len(segments)
 

@@ -389,29 +389,36 @@ def test_format_1_export_loads_without_opening_its_pickles(exported, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-def test_one_fused_graph_call_per_exit_passed(exported, backend):
-    """Format 3 runs exit graph k (segment, head and the statistics) once per exit a sample
-    reaches, nothing else: the separate segment and head graphs are never called."""
+def test_one_call_per_exit_passed(exported, backend):
+    """ONNX Runtime runs exit graph k (segment, head and the statistics) once per exit a
+    sample reaches and never the separate segment and head graphs; pt2 runs segment k and head
+    k once each per exit reached and never loads the exit graphs (fused_exits)."""
     from exitnas.runtime import load
 
     p, model, x = load(exported["out"], backend), exported["model"], exported["x"]
     calls = []
 
-    def counted(k, call):
+    def counted(what, k, call):
         def wrapped(h):
-            calls.append((k, int(h.shape[0])))
+            calls.append((what, k, int(h.shape[0])))
             return call(h)
         return wrapped
 
-    def never(*_):
-        raise AssertionError("an unfused segment or head graph was called")
+    fused = backend == "onnx"
+    assert p._b.fused_exits is fused
+    if fused:
+        p._exits = [counted("exit", k, c) for k, c in enumerate(p._exits)]
+    else:  # the exit calls close over these lists' items: wrap the graphs themselves
+        from exitnas.runtime import exit_calls
 
-    p._exits = [counted(k, c) for k, c in enumerate(p._exits)]
-    p._segments = p._heads = [never] * p.num_exits
+        p._segments = [counted("segment", k, c) for k, c in enumerate(p._segments)]
+        p._heads = [counted("head", k, c) for k, c in enumerate(p._heads)]
+        p._exits = exit_calls(p._b, p.manifest["graphs"], p._segments, p._heads, p.temperatures)
     got, ref = p.predict(_native(x, backend)), model.predict(x)
     assert np.array_equal(got.pred, ref.pred.numpy()) and np.array_equal(got.exit, ref.exit.numpy())
     reached = [int((ref.exit >= k).sum()) for k in range(p.num_exits)]
-    assert calls == [(k, n) for k, n in enumerate(reached)]  # samples that left are not run
+    parts = ("exit",) if fused else ("segment", "head")
+    assert calls == [(w, k, n) for k, n in enumerate(reached) for w in parts]  # left: not run
 
 
 def test_format_2_export_runs_segments_and_heads(exported, tmp_path):
