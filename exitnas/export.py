@@ -284,9 +284,7 @@ def write_export(model: MultiExitModel, *, space: Space, arch: Arch, splits, sou
             graphs[name] = {"pt2": f"{name}.pt2", "weights_map": weights, "input": _shape(x),
                             "output": _shape(outs[0]) if len(outs) == 1 and name != "model"
                             else [_shape(o) for o in outs]}
-            names = ["features", "conf", "entropy", "pred"][-len(outs):] \
-                if name.startswith("exit_") else len(outs)
-            programs.append((name, ep, x, ref, names))
+            programs.append((name, ep, x, ref, getattr(module, "output_names", len(outs))))
         if onnx_skipped is None:
             onnx_skipped = failed = _onnx.write_all(tmp, programs, graphs)
         manifest = _manifest(space=space, arch=arch, splits=splits, source=source, graphs=graphs,

@@ -127,6 +127,11 @@ class ExitGraph(nn.Module):
         self.segment, self.head, self.final = segment, head, final
         self.temperature = check_temperatures((temperature,), 1)[0]
 
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the outputs in order (the ONNX graph's output names)."""
+        return ["conf", "entropy", "pred"] if self.final else ["features", "conf", "entropy", "pred"]
+
     def forward(self, x: torch.Tensor):
         features = self.segment(x)
         stats = ExitStats.from_logits(scale_logits(self.head(features), self.temperature))

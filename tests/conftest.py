@@ -28,6 +28,25 @@ def tiny_space(tiny_space_file):
 
 
 @pytest.fixture
+def tiny_run_dir(tmp_path, tiny_space):
+    """An initialised run directory of the tiny space (nothing trained)."""
+    from exitnas.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    rd.init(tiny_space)
+    return rd
+
+
+@pytest.fixture(scope="module")
+def tiny_splits():
+    """The tiny space's data splits, loaded once per test module."""
+    from exitnas.data import load_splits
+    from exitnas.space import load_space
+
+    return load_splits(load_space(TEST_DATA / "tiny.yaml"))
+
+
+@pytest.fixture
 def quick_space():
     from exitnas.space import load_space
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import run_cli, tree_digest
 from exitnas.arch import Arch
-from exitnas.data import batches, load_splits
+from exitnas.data import batches
 from exitnas.errors import ConfigError, DataError
 from exitnas.finetune import finetune
 from exitnas.io import load_checkpoint
@@ -33,18 +33,8 @@ ARCH = "d2.2~s0b1=conv,s1b0=linear~max_softmax=0.9,0.9"  # the conv head has Bat
 
 
 @pytest.fixture
-def run(tmp_path, tiny_space):
-    rd = RunDir(tmp_path / "run")
-    rd.init(tiny_space)
-    return rd
-
-
-@pytest.fixture(scope="module")
-def tiny_splits():
-    from conftest import TEST_DATA
-    from exitnas.space import load_space
-
-    return load_splits(load_space(TEST_DATA / "tiny.yaml"))
+def run(tiny_run_dir):
+    return tiny_run_dir  # conftest: an initialised tiny run directory; tiny_splits too
 
 
 @pytest.fixture(scope="module")

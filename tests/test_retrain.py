@@ -11,7 +11,6 @@ from torch import nn
 
 from conftest import run_cli, tree_digest
 from exitnas.arch import Arch
-from exitnas.data import load_splits
 from exitnas.errors import CheckpointError, ConfigError, RunDirError
 from exitnas.io import load_weights, save_weights
 from exitnas.retrain import (REGIMES, backbone_modules, load_retrained, phase_plan, retrain,
@@ -24,18 +23,8 @@ ARCH = "d2.2~s0b1=conv,s1b0=linear~max_softmax=0.9,0.9"  # the conv head has Bat
 
 
 @pytest.fixture
-def run(tmp_path, tiny_space):
-    rd = RunDir(tmp_path / "run")
-    rd.init(tiny_space)
-    return rd
-
-
-@pytest.fixture(scope="module")
-def tiny_splits():
-    from exitnas.space import load_space
-    from conftest import TEST_DATA
-
-    return load_splits(load_space(TEST_DATA / "tiny.yaml"))
+def run(tiny_run_dir):
+    return tiny_run_dir  # conftest: an initialised tiny run directory; tiny_splits too
 
 
 def _space(rd, **overrides):
